@@ -1,0 +1,1 @@
+"""Callbacks: artifact export (and, with the evaluation work, sample grids and metrics)."""

@@ -1,0 +1,1 @@
+"""DataModules: prompt templates, image sets (+ masks, + pairs), index-addressed training streams."""

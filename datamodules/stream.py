@@ -1,0 +1,38 @@
+"""An infinite training stream whose item k is a pure function of (seed, k).
+
+Because nothing depends on iteration history, a run resumed from a checkpoint at step s simply
+starts the stream at the sample index of step s and sees exactly the batches an uninterrupted
+run would have seen. Under DDP each rank takes its own slice of every global batch; with
+DataLoader workers each worker produces whole batches in turn.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+
+class IndexedStream(IterableDataset):
+    def __init__(self, make_item: Callable[[int], dict], batch_size: int, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.make_item = make_item
+        self.batch_size = batch_size
+        self.start_batch = start_batch
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_batch + worker
+        while True:
+            first = (step * self.world_size + self.rank) * self.batch_size
+            for k in range(first, first + self.batch_size):
+                yield self.make_item(k)
+            step += workers
+
+
+def item_generator(seed: int, index: int) -> torch.Generator:
+    """A generator for sample `index` of a stream seeded by `seed`."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63))

@@ -1,0 +1,536 @@
+"""One attention mechanism for every method: processors that hand probabilities to controllers.
+
+`AttentionHub(unet)` installs a `ControlledAttnProcessor` on every attention layer and remembers the
+processors it replaced (`restore()` puts them back). A controller is a small object in the spirit of
+prompt-to-prompt's AttentionStore / AttentionReplace: for each layer it `wants`, it receives the
+attention probabilities [batch, heads, queries, keys] and returns them, recorded or edited.
+Layers that no active controller wants, and that receive no separate value input, run PyTorch's
+fused scaled-dot-product attention exactly as diffusers' AttnProcessor2_0 does.
+
+Batch layout during classifier-free guidance (the sampler sets `state.cfg`): [uncond; cond], and
+within each half sample 0 is the source prompt and the others are edited prompts (prompt-to-prompt).
+
+Also here: separate key / value text inputs for cross-attention (`value_hidden_states`, used by
+StyleDiffusion) and `MaskedBlend`, which mixes two versions of a layer under an attention mask (LAG).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where an attention layer sits: its module name, down/mid/up block and self/cross kind."""
+
+    name: str
+    block: str
+    is_cross: bool
+
+    @property
+    def block_name(self) -> str:
+        """The Transformer2DModel that holds this layer, e.g. 'down_blocks.1.attentions.0'."""
+        return self.name.split(".transformer_blocks.")[0]
+
+    @staticmethod
+    def from_processor_name(name: str) -> "Place":
+        layer = name[: -len(".processor")] if name.endswith(".processor") else name
+        block = "mid" if layer.startswith("mid_block") else layer.split("_blocks")[0]
+        return Place(layer, block, layer.endswith("attn2"))
+
+
+@dataclass
+class AttentionState:
+    """Facts about the current UNet call that controllers may read; samplers set them."""
+
+    step: int | None = None  # index of the sampling step (0 = first, noisiest)
+    num_steps: int | None = None
+    cfg: bool = False  # batch is [uncond; cond]
+    latent_hw: tuple[int, int] | None = None
+
+
+@dataclass
+class AttentionCall:
+    """What a controller sees besides the probabilities."""
+
+    place: Place
+    hw: tuple[int, int]  # spatial size of the queries
+    state: AttentionState
+
+    @property
+    def resolution(self) -> int:
+        return self.hw[0]
+
+
+class AttentionController:
+    """Base controller: sees nothing and changes nothing. Subclasses override `wants` and `__call__`."""
+
+    def wants(self, place: Place) -> bool:
+        return True
+
+    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        return probs
+
+    def reset(self) -> None:
+        pass
+
+
+def cond_half(x: torch.Tensor, state: AttentionState) -> torch.Tensor:
+    """The conditional rows of a batch (all rows when the call is not classifier-free guided)."""
+    return x[x.shape[0] // 2:] if state.cfg else x
+
+
+class ControlledAttnProcessor:
+    """An attention processor that exposes probabilities to the hub's controllers."""
+
+    def __init__(self, hub: "AttentionHub", place: Place):
+        self.hub = hub
+        self.place = place
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 value_hidden_states: torch.Tensor | None = None, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, seq_len = context.shape[0], context.shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:  # self-attention keys/values see the normed states, as in diffusers
+            context = hidden_states
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        values_in = context
+        if value_hidden_states is not None and self.place.is_cross:
+            values_in = value_hidden_states.to(context.dtype)
+            if attn.norm_cross:
+                values_in = attn.norm_encoder_hidden_states(values_in)
+        key, value = attn.to_k(context), attn.to_v(values_in)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        controllers = [c for c in self.hub.controllers if c.wants(self.place)]
+        if controllers:
+            scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask.float()
+            probs = scores.softmax(dim=-1).to(query.dtype)
+            call = AttentionCall(self.place, self.hub.query_hw(query.shape[2]), self.hub.state)
+            for controller in controllers:
+                probs = controller(probs, call)
+            out = probs @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class AttentionHub:
+    """Installs controlled processors on a UNet and holds the active controllers and call state.
+
+    Use as a context manager (or call `restore()`) so the UNet gets its original processors back.
+    """
+
+    def __init__(self, unet: nn.Module, controllers: Iterable[AttentionController] = ()):
+        self.unet = unet
+        self.controllers: list[AttentionController] = list(controllers)
+        self.state = AttentionState()
+        self.original = dict(unet.attn_processors)
+        self.places = {name: Place.from_processor_name(name) for name in self.original}
+        unet.set_attn_processor({name: ControlledAttnProcessor(self, p) for name, p in self.places.items()})
+        self._hook = unet.register_forward_pre_hook(self._remember_latent_size)
+        self.installed = True
+
+    def _remember_latent_size(self, module, args):
+        sample = args[0] if args else None
+        if torch.is_tensor(sample):
+            self.state.latent_hw = tuple(sample.shape[-2:])
+
+    def query_hw(self, num_queries: int) -> tuple[int, int]:
+        """Spatial size of a layer from its query count and the latent size of the current call."""
+        if self.state.latent_hw is None:
+            side = int(math.isqrt(num_queries))
+            return side, num_queries // side
+        h, w = self.state.latent_hw
+        factor = math.sqrt(h * w / num_queries)
+        return round(h / factor), round(w / factor)
+
+    def add(self, controller: AttentionController) -> AttentionController:
+        self.controllers.append(controller)
+        return controller
+
+    def remove(self, controller: AttentionController) -> None:
+        self.controllers.remove(controller)
+
+    @contextmanager
+    def using(self, *controllers: AttentionController):
+        """Activate controllers for the duration of a block."""
+        for c in controllers:
+            self.add(c)
+        try:
+            yield controllers[0] if len(controllers) == 1 else controllers
+        finally:
+            for c in controllers:
+                self.remove(c)
+
+    @contextmanager
+    def sampling_state(self, **values):
+        """Set state fields (step, num_steps, cfg) for the duration of a block."""
+        old = {k: getattr(self.state, k) for k in values}
+        for k, v in values.items():
+            setattr(self.state, k, v)
+        try:
+            yield self.state
+        finally:
+            for k, v in old.items():
+                setattr(self.state, k, v)
+
+    def restore(self) -> None:
+        if self.installed:
+            self.unet.set_attn_processor(self.original)
+            self._hook.remove()
+            self.controllers.clear()
+            self.installed = False
+
+    def __enter__(self) -> "AttentionHub":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+# ----- recording ---------------------------------------------------------------------------------
+class AttentionStore(AttentionController):
+    """Records attention maps of chosen layers.
+
+    cross / self_attn  which kinds to record; blocks: subset of down/mid/up; resolutions: query
+    side lengths to keep (None = all); cond_only: keep only the conditional half under CFG;
+    token_indices: keep only these key positions (cross maps of a few tokens, to save memory);
+    with_grad: keep the autograd graph (for attention losses); average_heads: store head means;
+    average_steps: keep a running sum per layer instead of one entry per call.
+    """
+
+    def __init__(self, cross: bool = True, self_attn: bool = False, blocks: Sequence[str] = ("down", "mid", "up"),
+                 resolutions: Sequence[int] | None = None, cond_only: bool = False,
+                 token_indices: Sequence[int] | None = None, with_grad: bool = False,
+                 average_heads: bool = True, average_steps: bool = False):
+        self.cross, self.self_attn = cross, self_attn
+        self.blocks = set(blocks)
+        self.resolutions = None if resolutions is None else set(resolutions)
+        self.cond_only, self.with_grad = cond_only, with_grad
+        self.token_indices = None if token_indices is None else list(token_indices)
+        self.average_heads, self.average_steps = average_heads, average_steps
+        self.reset()
+
+    def reset(self) -> None:
+        self.maps: dict[Place, list[torch.Tensor]] = {}
+        self.hw: dict[Place, tuple[int, int]] = {}
+        self.counts: dict[Place, int] = {}
+
+    def wants(self, place: Place) -> bool:
+        return (self.cross if place.is_cross else self.self_attn) and place.block in self.blocks
+
+    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        if self.resolutions is not None and call.resolution not in self.resolutions:
+            return probs
+        m = cond_half(probs, call.state) if self.cond_only else probs
+        if self.token_indices is not None:
+            m = m[..., self.token_indices]
+        if self.average_heads:
+            m = m.mean(dim=1)
+        if not self.with_grad:
+            m = m.detach()
+        place = call.place
+        self.hw[place] = call.hw
+        if self.average_steps and place in self.maps:
+            self.maps[place][0] = self.maps[place][0] + m
+        else:
+            self.maps.setdefault(place, []).append(m)
+        self.counts[place] = self.counts.get(place, 0) + 1
+        return probs
+
+    def select(self, is_cross: bool = True, resolution: int | None = None,
+               blocks: Sequence[str] | None = None) -> list[tuple[Place, torch.Tensor]]:
+        """(place, map) for each recorded call of matching layers; maps are step means if averaged."""
+        out = []
+        for place, maps in self.maps.items():
+            if place.is_cross != is_cross or (blocks is not None and place.block not in blocks):
+                continue
+            if resolution is not None and self.hw[place][0] != resolution:
+                continue
+            if self.average_steps:
+                out.append((place, maps[0] / self.counts[place]))
+            else:
+                out.extend((place, m) for m in maps)
+        return out
+
+    def average(self, is_cross: bool = True, resolution: int | None = None,
+                blocks: Sequence[str] | None = None) -> torch.Tensor:
+        """Mean over matching layers and steps, reshaped to [batch, (heads,) h, w, keys]."""
+        found = self.select(is_cross, resolution, blocks)
+        if not found:
+            raise ValueError(f"no {'cross' if is_cross else 'self'}-attention maps recorded at resolution "
+                             f"{resolution} in blocks {blocks}; check the store's filters")
+        sizes = {self.hw[p] for p, _ in found}
+        if len(sizes) > 1:
+            raise ValueError(f"maps of several resolutions {sorted(sizes)}; pass resolution=")
+        h, w = sizes.pop()
+        mean = torch.stack([m for _, m in found]).mean(0)
+        return mean.reshape(*mean.shape[:-2], h, w, mean.shape[-1])
+
+
+# ----- editing (prompt-to-prompt and P2Plus) -----------------------------------------------------
+def _word_spans(tokenizer, prompt: str) -> list[tuple[int, int]]:
+    """Token span [start, end) of each whitespace word, counting the start token as position 0."""
+    spans, pos = [], 1
+    for word in prompt.split():
+        n = len(tokenizer(word, add_special_tokens=False).input_ids)
+        spans.append((pos, pos + n))
+        pos += n
+    return spans
+
+
+def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
+    """Token positions of every occurrence of `word` in `prompt`."""
+    words = prompt.split()
+    spans = _word_spans(tokenizer, prompt)
+    found = [i for (s, e), w in zip(spans, words) for i in range(s, e) if w.strip(",.;:!?") == word]
+    if not found:
+        raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}")
+    return found
+
+
+def _span_map(mapper: torch.Tensor, t_span, s_span) -> None:
+    (ts, te), (ss, se) = t_span, s_span
+    if te - ts == se - ss:
+        for k in range(te - ts):
+            mapper[ts + k, ss + k] = 1.0
+    else:  # differing token counts: each target token attends like the mean of the source word
+        mapper[ts:te, ss:se] = 1.0 / (se - ss)
+
+
+def _tail_map(mapper: torch.Tensor, t_end: int, s_end: int) -> None:
+    """Start token, end token and padding map position-wise after the words."""
+    mapper[0, 0] = 1.0
+    length = mapper.shape[0]
+    for k in range(length - max(t_end, s_end)):
+        mapper[t_end + k, s_end + k] = 1.0
+
+
+def replacement_mapper(tokenizer, source: str, target: str, length: int | None = None) -> torch.Tensor:
+    """[keys, keys] matrix M with target_map = source_map @ M^T for a word swap (equal word counts)."""
+    length = length or tokenizer.model_max_length
+    s_spans, t_spans = _word_spans(tokenizer, source), _word_spans(tokenizer, target)
+    if len(s_spans) != len(t_spans):
+        raise ValueError(f"replace needs prompts with the same number of words: {source!r} vs {target!r}; "
+                         f"use refine for insertions")
+    mapper = torch.zeros(length, length)
+    for t_span, s_span in zip(t_spans, s_spans):
+        _span_map(mapper, t_span, s_span)
+    _tail_map(mapper, t_spans[-1][1] if t_spans else 1, s_spans[-1][1] if s_spans else 1)
+    return mapper
+
+
+def refinement_mapper(tokenizer, source: str, target: str,
+                      length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, alpha): target token j takes source token index[j] where alpha[j] = 1; new words keep their own."""
+    length = length or tokenizer.model_max_length
+    s_words, t_words = source.split(), target.split()
+    s_spans, t_spans = _word_spans(tokenizer, source), _word_spans(tokenizer, target)
+    index = torch.arange(length)
+    alpha = torch.zeros(length)
+    matcher = difflib.SequenceMatcher(a=s_words, b=t_words, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            (ss, _), (ts, te) = s_spans[block.a + k], t_spans[block.b + k]
+            index[ts:te] = torch.arange(ss, ss + te - ts)
+            alpha[ts:te] = 1.0
+    t_end = t_spans[-1][1] if t_spans else 1
+    s_end = s_spans[-1][1] if s_spans else 1
+    index[0], alpha[0] = 0, 1.0
+    tail = length - max(t_end, s_end)
+    index[t_end:t_end + tail] = torch.arange(s_end, s_end + tail)
+    alpha[t_end:t_end + tail] = 1.0
+    return index, alpha
+
+
+class PromptToPromptEdit(AttentionController):
+    """Edits the maps of edited prompts from the source prompt's maps (prompt-to-prompt).
+
+    Cross-attention is edited for steps < cross_steps * num_steps (tau_c), self-attention is
+    replaced for steps < self_steps * num_steps (tau_s) at layers with at most
+    `self_max_queries` queries (16x16, as prompt-to-prompt does). `uncond_self_steps` (tau_u) turns
+    on P2Plus: the unconditional branch's self-attention of edited samples is replaced too.
+    """
+
+    def __init__(self, cross_steps: float = 0.8, self_steps: float = 0.4, uncond_self_steps: float | None = None,
+                 self_max_queries: int = 16 * 16):
+        self.cross_steps, self.self_steps = cross_steps, self_steps
+        self.uncond_self_steps = uncond_self_steps
+        self.self_max_queries = self_max_queries
+
+    @staticmethod
+    def _before(fraction: float | None, state: AttentionState) -> bool:
+        if fraction is None or fraction <= 0:  # an empty window edits nothing, even outside a sampler
+            return False
+        if state.step is None or not state.num_steps:
+            return True
+        return state.step < fraction * state.num_steps
+
+    def edit_cross(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """source [heads, Q, K], targets [n, heads, Q, K] -> edited targets."""
+        return targets
+
+    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        state = call.state
+        half = probs.shape[0] // 2 if state.cfg else 0
+        uncond, cond = probs[:half], probs[half:]
+        if cond.shape[0] < 2:
+            return probs
+        if call.place.is_cross:
+            if self._before(self.cross_steps, state):
+                cond = torch.cat([cond[:1], self.edit_cross(cond[0], cond[1:])])
+        elif probs.shape[2] <= self.self_max_queries:
+            if self._before(self.self_steps, state):
+                cond = torch.cat([cond[:1], cond[:1].expand_as(cond[1:])])
+            if half and self._before(self.uncond_self_steps, state):
+                uncond = torch.cat([uncond[:1], uncond[:1].expand_as(uncond[1:])])
+        return torch.cat([uncond, cond])
+
+
+class AttentionReplace(PromptToPromptEdit):
+    """Word swap: edited prompts take the source's cross maps through a replacement mapper."""
+
+    def __init__(self, mappers: torch.Tensor, **kwargs):
+        super().__init__(**kwargs)
+        self.mappers = mappers  # [n_targets, K, K]
+
+    @classmethod
+    def from_prompts(cls, tokenizer, source: str, targets: Sequence[str], **kwargs) -> "AttentionReplace":
+        return cls(torch.stack([replacement_mapper(tokenizer, source, t) for t in targets]), **kwargs)
+
+    def edit_cross(self, source, targets):
+        mappers = self.mappers.to(source.device, source.dtype)
+        return torch.einsum("hqk,njk->nhqj", source, mappers)
+
+
+class AttentionRefine(PromptToPromptEdit):
+    """Added words: aligned tokens take the source's maps, new tokens keep their own."""
+
+    def __init__(self, index: torch.Tensor, alpha: torch.Tensor, **kwargs):
+        super().__init__(**kwargs)
+        self.index, self.alpha = index, alpha  # [n_targets, K]
+
+    @classmethod
+    def from_prompts(cls, tokenizer, source: str, targets: Sequence[str], **kwargs) -> "AttentionRefine":
+        pairs = [refinement_mapper(tokenizer, source, t) for t in targets]
+        return cls(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), **kwargs)
+
+    def edit_cross(self, source, targets):
+        taken = source[..., self.index.to(source.device)].permute(2, 0, 1, 3)  # [n, heads, Q, K]
+        alpha = self.alpha.to(source.device, source.dtype)[:, None, None, :]
+        return taken * alpha + targets * (1 - alpha)
+
+
+class AttentionReweight(PromptToPromptEdit):
+    """Scales chosen tokens' cross-attention in the edited prompts (after an optional base edit)."""
+
+    def __init__(self, equalizer: torch.Tensor, base: PromptToPromptEdit | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.equalizer = equalizer  # [n_targets, K]
+        self.base = base
+
+    @staticmethod
+    def equalizer_for(tokenizer, prompt: str, weights: dict[str, float], length: int | None = None) -> torch.Tensor:
+        eq = torch.ones(length or tokenizer.model_max_length)
+        for word, w in weights.items():
+            eq[word_token_indices(tokenizer, prompt, word)] = w
+        return eq
+
+    def edit_cross(self, source, targets):
+        if self.base is not None:
+            targets = self.base.edit_cross(source, targets)
+        return targets * self.equalizer.to(source.device, source.dtype)[:, None, None, :]
+
+
+# ----- masked blending (LAG) ---------------------------------------------------------------------
+class TokenMask(AttentionController):
+    """Per transformer block: the conditional cross-attention of some tokens, binarised at its median.
+
+    `mask_for(block_name)` returns [batch, 1, h, w] for the block's latest call (the mask repeats for
+    the unconditional half under CFG), or None before the block has run.
+    """
+
+    def __init__(self, token_indices: Sequence[int] | torch.Tensor):
+        self.token_indices = token_indices
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.masks.clear()
+
+    def wants(self, place: Place) -> bool:
+        return place.is_cross
+
+    def __call__(self, probs, call):
+        cond = cond_half(probs, call.state).mean(dim=1)  # [b, Q, K]
+        idx = torch.as_tensor(self.token_indices, device=probs.device)
+        score = cond[..., idx].sum(-1) if idx.ndim == 1 else torch.stack(
+            [cond[i, :, idx[i]].sum(-1) for i in range(cond.shape[0])])
+        mask = (score > score.median(dim=-1, keepdim=True).values).to(probs.dtype)
+        if call.state.cfg:
+            mask = torch.cat([mask, mask])
+        self.masks[call.place.block_name] = mask.reshape(mask.shape[0], 1, *call.hw)
+        return probs
+
+    def mask_for(self, block_name: str) -> torch.Tensor | None:
+        return self.masks.get(block_name)
+
+
+class MaskedBlend(nn.Module):
+    """(1 - M) * base(x) + M * alt(x), M from `mask_fn()`; alt(x) everywhere when M is None.
+
+    For LAG, base is a block's frozen proj_out and alt the same layer with the personalized residual;
+    x is [B, C, h, w] (1x1 conv) or [B, h*w, C] (linear) and M is [B, 1, h, w].
+    """
+
+    def __init__(self, base: Callable[[torch.Tensor], torch.Tensor], alt: Callable[[torch.Tensor], torch.Tensor],
+                 mask_fn: Callable[[], torch.Tensor | None]):
+        super().__init__()
+        self.base, self.alt, self.mask_fn = base, alt, mask_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask_fn()
+        alt = self.alt(x)
+        if mask is None:
+            return alt
+        base = self.base(x)
+        if x.ndim == 3:  # tokens: [B, h*w, C]
+            mask = mask.flatten(2).transpose(1, 2)
+        mask = mask.to(base.dtype)
+        return (1 - mask) * base + mask * alt  # exactly base / alt where the mask is 0 / 1

@@ -1,0 +1,308 @@
+"""Backbone loading and the few operations every method needs from a Stable Diffusion model.
+
+`load_backbone` reads a diffusers-format folder (or a hub id) with SD1.x, SD2.x or SDXL weights,
+or builds the tiny test model. The returned `Backbone` is a frozen nn.Module in the compute dtype;
+methods add their own trainable parameters (in fp32) around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from utils.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_for_precision(precision: str | int | None) -> torch.dtype:
+    """Compute dtype for frozen weights under a Lightning precision setting."""
+    text = str(precision)
+    if "bf16" in text:
+        return torch.bfloat16
+    if text.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on: text hidden states (+ SDXL's pooled text and size ids)."""
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def unet_kwargs(self) -> dict:
+        kwargs: dict = {"encoder_hidden_states": self.hidden_states}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+    def map(self, fn) -> "Conditioning":
+        return Conditioning(*(None if x is None else fn(x) for x in (self.hidden_states, self.pooled, self.time_ids)))
+
+    def expand(self, batch: int) -> "Conditioning":
+        """Broadcast a batch-1 conditioning to `batch` rows."""
+        if len(self) == batch:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"cannot expand a conditioning of batch {len(self)} to {batch}")
+        return self.map(lambda x: x.expand(batch, *x.shape[1:]))
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        first = items[0]
+        return Conditioning(
+            torch.cat([c.hidden_states for c in items]),
+            None if first.pooled is None else torch.cat([c.pooled for c in items]),
+            None if first.time_ids is None else torch.cat([c.time_ids for c in items]),
+        )
+
+
+REQUIRED = {"sd": ("unet", "vae", "text_encoder", "tokenizer"),
+            "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+
+
+class Backbone(nn.Module):
+    """A frozen text-to-image latent diffusion model: tokenizers, text encoders, UNet, VAE, scheduler."""
+
+    def __init__(self, unet, vae, text_encoders: Sequence[nn.Module], tokenizers: Sequence, scheduler,
+                 name: str = "backbone"):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = nn.ModuleList(text_encoders)
+        self.tokenizers = list(tokenizers)
+        self.scheduler = scheduler
+        self.name = name
+        self.requires_grad_(False)
+        self.eval()
+
+    # ----- facts -------------------------------------------------------------------------------
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def train(self, mode: bool = True):  # frozen parts never leave eval mode (no dropout)
+        return super().train(False)
+
+    # ----- text --------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str], index: int = 0) -> torch.Tensor:
+        tok = self.tokenizers[index]
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def encode_prompt(self, prompts: Sequence[str] | str) -> Conditioning:
+        """Text conditioning as the pipelines compute it (SDXL: penultimate layers + pooled)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not self.is_sdxl:
+            return Conditioning(self.text_encoders[0](self.tokenize(prompts))[0])
+        states, pooled = [], None
+        for i, encoder in enumerate(self.text_encoders):
+            out = encoder(self.tokenize(prompts, i), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of the projection model (the second encoder)
+        h = self.resolution
+        time_ids = torch.tensor([[h, h, 0, 0, h, h]], device=self.device, dtype=pooled.dtype)
+        return Conditioning(torch.cat(states, dim=-1), pooled, time_ids.expand(len(prompts), 6))
+
+    # ----- images ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents (a sample of the posterior)."""
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        latents = dist.sample(generator) if generator is not None else dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1]."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ----- the UNet ----------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
+                cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+        """The UNet's raw output (epsilon or v, as the scheduler's prediction_type says)."""
+        if not torch.is_tensor(t):
+            t = torch.tensor(t, device=latents.device)
+        if t.ndim == 0:
+            t = t.expand(latents.shape[0])
+        return self.unet(latents.to(self.dtype), t, **cond.unet_kwargs(),
+                         cross_attention_kwargs=cross_attention_kwargs).sample
+
+    def alphas_cumprod(self, device=None) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(device or self.device)
+
+    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet output is regressed on for x_t = add_noise(latents, noise, t)."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, t)
+        raise ConfigError(f"prediction_type {kind!r} is not supported; use epsilon or v_prediction")
+
+    def to_epsilon(self, output: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.scheduler.config.prediction_type == "epsilon":
+            return output
+        a = self.alphas_cumprod(output.device)[t].float().view(-1, 1, 1, 1)
+        return (a.sqrt() * output.float() + (1 - a).sqrt() * latents.float()).to(output.dtype)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, t)
+
+
+# ----- loading ------------------------------------------------------------------------------------
+def _detect_kind(path: Path | None, index: dict | None) -> str:
+    if index is not None:
+        return "sdxl" if "text_encoder_2" in index else "sd"
+    return "sdxl" if path is not None and (path / "text_encoder_2").is_dir() else "sd"
+
+
+def _check_local(path: Path, key: str, kind: str) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"{key}={path} does not exist; point it at a diffusers-format Stable Diffusion "
+                             f"folder or a hub id")
+    if not path.is_dir():
+        raise ModelLoadError(f"{key}={path} is a file; point it at a diffusers-format Stable Diffusion folder")
+    for sub in REQUIRED[kind]:
+        if not (path / sub).is_dir():
+            raise ModelLoadError(f"{key}={path} has no {sub}/; point it at a diffusers-format Stable Diffusion folder")
+    weights = ("*.safetensors", "*.bin")
+    for sub in ("unet", "vae") + tuple(s for s in REQUIRED[kind] if s.startswith("text_encoder")):
+        if not (path / sub / "config.json").is_file() or not any(
+                next((path / sub).glob(p), None) for p in weights):
+            raise ModelLoadError(f"{key}={path} has an incomplete {sub}/ (config.json or weights missing); "
+                                 f"point it at a complete diffusers-format Stable Diffusion folder")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
+
+
+def check_backbone_path(path: str | None, kind: str = "auto", build: str | None = None,
+                        key: str = "model.path", **_ignored) -> None:
+    """Fail fast (before any data is read) on a local path that cannot hold a backbone."""
+    if not path:
+        raise ConfigError(f"{key} is not set; give a diffusers-format Stable Diffusion folder or hub id")
+    local = Path(str(path)).expanduser()
+    if build and not local.exists():
+        return  # built on load
+    if local.exists() or not _looks_like_hub_id(str(path)):
+        _check_local(local, key, _detect_kind(local, None) if kind == "auto" else kind)
+
+
+def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype | None = None,
+                  vae_dtype: str | torch.dtype | None = None, revision: str | None = None,
+                  variant: str | None = None, build: str | None = None, name: str | None = None,
+                  prediction_type: str | None = None, key: str = "model.path", **_ignored) -> Backbone:
+    """Load a Stable Diffusion backbone (SD1.x / SD2.x / SDXL) from a local folder or a hub id.
+
+    `build="tiny"` (or "tiny_sdxl") creates the tiny random model at `path` when it is missing.
+    Frozen parts are cast to `dtype` (the compute dtype); `vae_dtype` overrides it for the VAE.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if not path:
+        raise ConfigError(f"{key} is not set; give a diffusers-format Stable Diffusion folder or hub id")
+    if kind != "auto" and kind not in REQUIRED:
+        raise ConfigError(f"model.kind={kind!r} is unknown; use auto, sd or sdxl")
+    dtype = resolve_dtype(dtype)
+    vae_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else dtype
+    if build:
+        from diffusion.tiny import ensure_tiny_pipeline
+        ensure_tiny_pipeline(path, build)
+    local = Path(str(path)).expanduser()
+    is_local = local.exists() or not _looks_like_hub_id(str(path))
+    index = None
+    if is_local:
+        if kind == "auto":
+            kind = _detect_kind(local, None)
+        _check_local(local, key, kind)
+        source = str(local)
+    else:
+        source = str(path)
+        if kind == "auto":
+            try:
+                from huggingface_hub import hf_hub_download
+                index = json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())
+            except Exception as e:  # noqa: BLE001 - any hub failure becomes one line
+                raise ModelLoadError(f"{key}={path} is neither a local folder nor a reachable hub id "
+                                     f"({type(e).__name__}); download the model and point {key} at its folder") from e
+            kind = _detect_kind(None, index)
+    if kind not in REQUIRED:
+        raise ConfigError(f"model.kind={kind!r} is unknown; use auto, sd or sdxl")
+
+    common = {"revision": revision, "variant": variant}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **common)
+        encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **common)]
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)]
+        if kind == "sdxl":
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", torch_dtype=dtype, **common))
+            tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{key}={path} could not be loaded ({str(e).splitlines()[0]}); "
+                             f"point it at a complete diffusers-format Stable Diffusion folder") from e
+    # DDIM with the checkpoint's own beta schedule; SD settings (clip_sample off) whatever it shipped with.
+    try:
+        sched_config = DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision)
+    except (OSError, ValueError):
+        log.warning("%s has no scheduler/; using the Stable Diffusion beta schedule", path)
+        sched_config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    overrides = {"clip_sample": False, "set_alpha_to_one": False}
+    if prediction_type:
+        overrides["prediction_type"] = prediction_type
+    scheduler = DDIMScheduler.from_config({**sched_config, **overrides})
+    backbone = Backbone(unet, vae, encoders, tokenizers, scheduler, name=name or Path(str(path)).name)
+    log.info("loaded %s backbone from %s (%s, %dpx)", kind, path, dtype, backbone.resolution)
+    return backbone

@@ -1,0 +1,99 @@
+"""The tiny random Stable Diffusion model used by tests (and as a stand-in backbone).
+
+It has the real architecture classes at toy sizes: a CLIP text encoder (32-d), a two-level UNet
+with cross-attention at 32x32 and 16x16 latents, and a VAE with one downsampling (64 px images).
+`kind="sdxl"` builds the SDXL layout (two text encoders, pooled text and size conditioning) and
+`kind="sd2"` the SD2 layout (linear proj_in/proj_out, v-prediction).
+Everything is seeded, so the same folder comes out byte for byte on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_WORDS = (
+    "a an the photo picture painting rendering drawing of in on with and style object concept "
+    "red green blue yellow orange purple pink white black gray brown cat dog toy car tree house "
+    "circle square star triangle small large big tiny left right background sky beach forest "
+    "city snow art sketch cartoon old young smiling happy sad van gogh monet"
+).split()
+
+
+def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", seed: int = 0) -> Path:
+    """Build and save a tiny diffusers pipeline of layout `kind` (sd, sd2 or sdxl) into `out_dir`."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from diffusion.clip_tokenizer import write_clip_tokenizer
+
+    if kind not in ("sd", "sd2", "sdxl"):
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(TINY_WORDS, tmp / "tok"))
+        text_cfg = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), hidden_size=32,
+                        intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                        max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        unet_cfg = dict(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4),
+        )
+        if kind == "sd2":
+            unet_cfg.update(use_linear_projection=True)
+        if kind == "sdxl":
+            unet_cfg.update(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+                            addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                            transformer_layers_per_block=(1, 2))
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32, sample_size=64)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                  prediction_type="v_prediction" if kind == "sd2" else "epsilon")
+        if kind == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                             scheduler=scheduler)
+        else:
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        staging = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".tiny-"))
+        pipe.save_pretrained(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(staging, out)  # atomic: a concurrent builder either wins or finds it done
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not out.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_tiny_pipeline(path: str | Path, build: str) -> Path:
+    """Build the tiny model at `path` unless a folder is already there."""
+    kinds = {"tiny": "sd", "tiny_sd2": "sd2", "tiny_sdxl": "sdxl"}
+    if build not in kinds:
+        from utils.errors import ConfigError
+        raise ConfigError(f"model.build={build!r} is unknown; use one of {sorted(kinds)} or null")
+    path = Path(path)
+    if not path.exists():
+        build_tiny_pipeline(path, kinds[build])
+    return path

@@ -1,0 +1,93 @@
+"""What every method module shares: the frozen backbone, seeded per-step randomness, and
+checkpoints that hold only what is trained.
+
+The backbone is loaded in `configure_model` (once the trainer's precision is known) and kept
+frozen in the compute dtype; subclasses add their trainable parameters in `build` (fp32).
+Checkpoints drop the frozen weights (gigabytes for SDXL) and keep the trained ones, the optimizer
+and the loop state, so resuming is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+
+from diffusion.backbone import Backbone, check_backbone_path, dtype_for_precision, load_backbone
+from utils.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(self, backbone: dict, optimizer: Callable[..., torch.optim.Optimizer],
+                 lr_scheduler: Callable | None = None, seed: int = 0):
+        super().__init__()
+        self.backbone_config = dict(backbone)
+        check_backbone_path(**self.backbone_config)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.seed = seed
+        self.backbone: Backbone | None = None
+        self.strict_loading = False  # frozen weights are not in our checkpoints; on_load_checkpoint checks the rest
+
+    # ----- model -----------------------------------------------------------------------------------
+    def compute_dtype(self) -> torch.dtype:
+        if self.backbone_config.get("dtype"):
+            from diffusion.backbone import resolve_dtype
+            return resolve_dtype(self.backbone_config["dtype"])
+        try:
+            return dtype_for_precision(self.trainer.precision)
+        except RuntimeError:  # not attached to a trainer
+            return torch.float32
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        config = {k: v for k, v in self.backbone_config.items() if k != "dtype"}
+        self.backbone = load_backbone(**config, dtype=self.compute_dtype())
+        self.build(self.backbone)
+        trained = sum(p.numel() for p in self.trainable_parameters())
+        log.info("%s: %d trainable parameters", type(self).__name__, trained)
+
+    def build(self, backbone: Backbone) -> None:
+        """Create the trainable parts (fp32) around the frozen backbone."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    # ----- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def step_generator(self, offset: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, global step, rank): resumed runs draw the same numbers."""
+        seed = (self.seed * 1_000_003 + self.global_step * 65_537 + self.global_rank * 257 + offset) % (2 ** 63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # ----- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise ArtifactError(f"checkpoint lacks trained weights {missing[:3]}; it was written by another "
+                                f"method or config: resume with the same method, model and token settings")
+
+    # ----- artifacts -------------------------------------------------------------------------------
+    def export_artifacts(self, out_dir: str | Path) -> list[Path]:
+        """Write the method's artifact files (in formats other tools read); return their paths."""
+        return []

@@ -1,0 +1,72 @@
+"""Textual inversion (Gal et al., 2022): learn the embedding v* of a new token S* from a few images.
+
+    v* = argmin_v  E_{z ~ E(x), y, eps, t} || eps - eps_theta(z_t, t, c_theta(y(S*))) ||^2
+
+with y a template prompt ("a photo of a S*"); only the token's rows are trained (the baseline
+every paper in this framework compares against).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from diffusion.backbone import Backbone
+from diffusion.tokens import PlaceholderTokens
+from lightning_modules.base import DiffusionModule
+from utils.io import write_json
+
+log = logging.getLogger(__name__)
+EMBEDDINGS_FILE = "learned_embeds.safetensors"
+
+
+class TextualInversionModule(DiffusionModule):
+    def __init__(self, backbone: dict, token: dict, optimizer: Callable, lr_scheduler: Callable | None = None,
+                 seed: int = 0):
+        super().__init__(backbone, optimizer, lr_scheduler, seed)
+        self.token_config = dict(token)
+        self.save_hyperparameters({"backbone": self.backbone_config, "token": self.token_config, "seed": seed},
+                                  logger=False)  # train.py logs the whole config
+        self.tokens: PlaceholderTokens | None = None
+
+    def build(self, backbone: Backbone) -> None:
+        cfg = self.token_config
+        self.tokens = PlaceholderTokens(backbone, cfg["name"], num_vectors=cfg.get("num_vectors", 1),
+                                        initializer=cfg.get("initializer"),
+                                        train_existing=cfg.get("train_existing", False))
+
+    def diffusion_loss(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        backbone = self.backbone
+        g = self.step_generator()
+        latents = backbone.encode_images(pixel_values, generator=g)
+        noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
+        t = torch.randint(0, backbone.num_train_timesteps, (latents.shape[0],), generator=g, device=self.device)
+        noisy = backbone.add_noise(latents, noise, t)
+        cond = backbone.encode_prompt([self.tokens.expand(p) for p in prompts])
+        pred = backbone.predict(noisy, t, cond)
+        return F.mse_loss(pred.float(), backbone.training_target(latents, noise, t).float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch["pixel_values"], batch["prompt"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        return loss
+
+    def export_artifacts(self, out_dir: str | Path) -> list[Path]:
+        out = Path(out_dir)
+        meta = {"method": "textual_inversion", "backbone": str(self.backbone_config.get("path")),
+                "step": self.global_step}
+        path = self.tokens.save(out / EMBEDDINGS_FILE, sdxl=self.backbone.is_sdxl, metadata=meta)
+        info = out / "learned_embeds.json"
+        write_json(info, {**meta, "token": self.tokens.token, "names": self.tokens.names,
+                          "initializer": self.token_config.get("initializer"),
+                          "file": EMBEDDINGS_FILE})
+        log.info("wrote %s (%s)", path, ", ".join(self.tokens.names))
+        return [path, info]
+
+    def teardown(self, stage: str) -> None:
+        if self.tokens is not None:
+            self.tokens.write_back()  # leave the backbone usable for plain sampling after training

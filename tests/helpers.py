@@ -1,0 +1,37 @@
+"""Callbacks that tests inject into train.py runs with +callbacks.<name>._target_=tests.helpers.<Class>."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL the training process once `step` optimizer steps are done (a crash, not a clean exit)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DumpTrainedRows(L.Callback):
+    """Each rank writes its trained token rows and the prompts it saw to <dirpath>/rank<r>.pt."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.prompts: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.prompts.extend(batch["prompt"])
+
+    def on_train_end(self, trainer, pl_module):
+        rows = [r.detach().cpu().clone() for r in pl_module.tokens.embeddings()]
+        torch.save({"rows": rows, "prompts": self.prompts, "world_size": trainer.world_size},
+                   self.dirpath / f"rank{trainer.global_rank}.pt")

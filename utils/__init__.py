@@ -1,0 +1,1 @@
+"""Glue shared by the entry points: errors, atomic file writing, logger and task helpers."""

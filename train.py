@@ -40,7 +40,10 @@ def train(cfg: DictConfig) -> float | None:
     import lightning as L
     from hydra.utils import instantiate
 
+    import torch
+
     refuse_to_overwrite(cfg.paths.output_dir, resuming=cfg.get("ckpt_path") is not None)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
     _ddp_under_multirun(cfg)
     datamodule = instantiate(cfg.data)

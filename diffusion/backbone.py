@@ -244,7 +244,8 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
                   prediction_type: str | None = None, key: str = "model.path", **_ignored) -> Backbone:
     """Load a Stable Diffusion backbone (SD1.x / SD2.x / SDXL) from a local folder or a hub id.
 
-    `build="tiny"` (or "tiny_sdxl") creates the tiny random model at `path` when it is missing.
+    `build` names a model to create at `path` when it is missing: the tiny test models (tiny,
+    tiny_sd2, tiny_sdxl) or random-weight full-size architectures (random_sd15, random_sdxl).
     Frozen parts are cast to `dtype` (the compute dtype); `vae_dtype` overrides it for the VAE.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -257,8 +258,8 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
     dtype = resolve_dtype(dtype)
     vae_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else dtype
     if build:
-        from diffusion.tiny import ensure_tiny_pipeline
-        ensure_tiny_pipeline(path, build)
+        from diffusion.tiny import ensure_built_pipeline
+        ensure_built_pipeline(path, build)
     local = Path(str(path)).expanduser()
     is_local = local.exists() or not _looks_like_hub_id(str(path))
     index = None
@@ -277,8 +278,6 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
                 raise ModelLoadError(f"{key}={path} is neither a local folder nor a reachable hub id "
                                      f"({type(e).__name__}); download the model and point {key} at its folder") from e
             kind = _detect_kind(None, index)
-    if kind not in REQUIRED:
-        raise ConfigError(f"model.kind={kind!r} is unknown; use auto, sd or sdxl")
 
     common = {"revision": revision, "variant": variant}
     try:

@@ -87,13 +87,19 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", seed: int = 0) ->
     return out
 
 
-def ensure_tiny_pipeline(path: str | Path, build: str) -> Path:
-    """Build the tiny model at `path` unless a folder is already there."""
-    kinds = {"tiny": "sd", "tiny_sd2": "sd2", "tiny_sdxl": "sdxl"}
-    if build not in kinds:
+BUILDS = {"tiny": "sd", "tiny_sd2": "sd2", "tiny_sdxl": "sdxl", "random_sd15": "sd15", "random_sdxl": "sdxl"}
+
+
+def ensure_built_pipeline(path: str | Path, build: str) -> Path:
+    """Build the model named `build` at `path` unless a folder is already there."""
+    if build not in BUILDS:
         from utils.errors import ConfigError
-        raise ConfigError(f"model.build={build!r} is unknown; use one of {sorted(kinds)} or null")
+        raise ConfigError(f"model.build={build!r} is unknown; use one of {sorted(BUILDS)} or null")
     path = Path(path)
     if not path.exists():
-        build_tiny_pipeline(path, kinds[build])
+        if build.startswith("random_"):
+            from diffusion.random_models import build_random_pipeline
+            build_random_pipeline(path, BUILDS[build])
+        else:
+            build_tiny_pipeline(path, BUILDS[build])
     return path

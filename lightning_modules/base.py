@@ -16,7 +16,8 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from diffusion.backbone import Backbone, check_backbone_path, dtype_for_precision, load_backbone
+from diffusion.attention import AttentionHub
+from diffusion.backbone import Backbone, check_backbone_path, dtype_for_precision, load_backbone, resolve_dtype
 from utils.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,12 @@ class DiffusionModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.seed = seed
         self.backbone: Backbone | None = None
+        self._hub: AttentionHub | None = None
         self.strict_loading = False  # frozen weights are not in our checkpoints; on_load_checkpoint checks the rest
 
     # ----- model -----------------------------------------------------------------------------------
     def compute_dtype(self) -> torch.dtype:
         if self.backbone_config.get("dtype"):
-            from diffusion.backbone import resolve_dtype
             return resolve_dtype(self.backbone_config["dtype"])
         try:
             return dtype_for_precision(self.trainer.precision)
@@ -62,6 +63,17 @@ class DiffusionModule(L.LightningModule):
 
     def trainable_keys(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def attention_hub(self) -> AttentionHub:
+        """The UNet's attention hub, installed on first use; teardown gives the UNet its processors back."""
+        if self._hub is None:
+            self._hub = AttentionHub(self.backbone.unet)
+        return self._hub
+
+    def teardown(self, stage: str) -> None:
+        if self._hub is not None:
+            self._hub.restore()
+            self._hub = None
 
     # ----- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -68,5 +68,6 @@ class TextualInversionModule(DiffusionModule):
         return [path, info]
 
     def teardown(self, stage: str) -> None:
+        super().teardown(stage)
         if self.tokens is not None:
             self.tokens.write_back()  # leave the backbone usable for plain sampling after training

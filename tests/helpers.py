@@ -1,4 +1,5 @@
-"""Callbacks that tests inject into train.py runs with +callbacks.<name>._target_=tests.helpers.<Class>."""
+"""Test helpers: composing the Hydra configs in-process, and callbacks that tests inject into
+train.py runs with +callbacks.<name>._target_=tests.helpers.<Class>."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from utils.config import register_resolvers
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_resolvers()
+
+
+def compose_cfg(config_name: str, overrides: list[str], output_dir: Path):
+    """The config an entry point would get for these overrides, with its output folder at output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 class KillAtStep(L.Callback):

@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from utils.config import register_resolvers
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-register_resolvers()
-
-
-def compose_cfg(config_name: str, overrides: list[str], output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+from tests.helpers import compose_cfg
 
 
 @pytest.mark.parametrize("model", ["tiny", "sd14", "sd15", "sd21", "sdxl"])
@@ -38,7 +18,7 @@ def test_train_config_composes(model, trainer, tmp_path):
     expected = {"gpu": "bf16-mixed", "ddp": "bf16-mixed", "cpu": "32-true"}.get(trainer)
     if expected:
         assert cfg.trainer.precision == expected
-    assert set(cfg.callbacks) == {"model_checkpoint", "progress_bar", "artifact_export"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "progress_bar", "artifact_export", "step_timer"}
 
 
 @pytest.mark.parametrize("extra", [["debug=limit"], ["debug=overfit"], ["experiment=ti_tiny"], ["logger=many"]])

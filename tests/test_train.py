@@ -122,11 +122,20 @@ def test_ddp_two_cpu_processes_agree(base, tmp_path):
     assert torch.equal(exported, r0["rows"][0])
 
 
-def test_wandb_logs_offline_by_default(base, tmp_path):
+def test_wandb_is_the_default_logger_and_runs_offline(base, tmp_path):
     run = tmp_path / "run"
     overrides = [o for o in base if not o.startswith("logger=")]
     run_train(*overrides, "trainer.max_steps=2", f"hydra.run.dir={run}")
     assert list((run / "wandb").glob("offline-run-*")), "wandb must write an offline run under the run dir"
+    assert not (run / "csv").exists()
+
+
+def test_csv_tensorboard_and_wandb_together(base, tmp_path):
+    run = tmp_path / "run"
+    run_train(*base, "logger=many", "trainer.max_steps=3", f"hydra.run.dir={run}")
+    assert "train/loss" in (run / "csv" / "metrics.csv").read_text()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "wandb").glob("offline-run-*"))
 
 
 @pytest.mark.parametrize("override, message", [

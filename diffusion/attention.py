@@ -331,8 +331,8 @@ def _span_map(mapper: torch.Tensor, t_span, s_span) -> None:
     if te - ts == se - ss:
         for k in range(te - ts):
             mapper[ts + k, ss + k] = 1.0
-    else:  # differing token counts: each target token attends like the mean of the source word
-        mapper[ts:te, ss:se] = 1.0 / (se - ss)
+    else:  # differing token counts: the word's attention mass is shared evenly (as prompt-to-prompt)
+        mapper[ts:te, ss:se] = 1.0 / (te - ts)
 
 
 def _tail_map(mapper: torch.Tensor, t_end: int, s_end: int) -> None:
@@ -459,7 +459,7 @@ class AttentionRefine(PromptToPromptEdit):
 
 
 class AttentionReweight(PromptToPromptEdit):
-    """Scales chosen tokens' cross-attention in the edited prompts (after an optional base edit)."""
+    """Edited prompts take the source's cross maps (or a base edit of them) with chosen tokens scaled."""
 
     def __init__(self, equalizer: torch.Tensor, base: PromptToPromptEdit | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -474,9 +474,9 @@ class AttentionReweight(PromptToPromptEdit):
         return eq
 
     def edit_cross(self, source, targets):
-        if self.base is not None:
-            targets = self.base.edit_cross(source, targets)
-        return targets * self.equalizer.to(source.device, source.dtype)[:, None, None, :]
+        # prompt-to-prompt reweights the source's maps (after the base edit, if any)
+        edited = self.base.edit_cross(source, targets) if self.base is not None else source.expand_as(targets)
+        return edited * self.equalizer.to(source.device, source.dtype)[:, None, None, :]
 
 
 # ----- masked blending (LAG) ---------------------------------------------------------------------

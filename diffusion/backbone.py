@@ -188,8 +188,11 @@ class Backbone(nn.Module):
         raise ConfigError(f"prediction_type {kind!r} is not supported; use epsilon or v_prediction")
 
     def to_epsilon(self, output: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.scheduler.config.prediction_type == "epsilon":
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
             return output
+        if kind != "v_prediction":
+            raise ConfigError(f"prediction_type {kind!r} is not supported; use epsilon or v_prediction")
         a = self.alphas_cumprod(output.device)[t].float().view(-1, 1, 1, 1)
         return (a.sqrt() * output.float() + (1 - a).sqrt() * latents.float()).to(output.dtype)
 

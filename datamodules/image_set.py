@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from datamodules.prompts import resolve_templates
-from datamodules.stream import IndexedStream, item_generator
+from datamodules.stream import IndexedStream, item_generator, stream_position
 from utils.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,7 @@ class ImageSetDataModule(L.LightningDataModule):
             log.info("image set: %d images from %s", len(records), hp.images_dir)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        start, rank, world = 0, 0, 1
-        if trainer is not None:
-            start = trainer.global_step * trainer.accumulate_grad_batches  # resume where the run stopped
-            rank, world = trainer.global_rank, trainer.world_size
+        start, rank, world = stream_position(self.trainer)
         stream = IndexedStream(self.image_set, self.hparams.batch_size, start, rank, world)
         return DataLoader(stream, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)

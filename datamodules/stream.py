@@ -36,3 +36,11 @@ class IndexedStream(IterableDataset):
 def item_generator(seed: int, index: int) -> torch.Generator:
     """A generator for sample `index` of a stream seeded by `seed`."""
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63))
+
+
+def stream_position(trainer) -> tuple[int, int, int]:
+    """(first batch, rank, world size) for a stream feeding `trainer`: a resumed run starts at the
+    batch after its checkpoint's last step."""
+    if trainer is None:
+        return 0, 0, 1
+    return trainer.global_step * trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size

@@ -1,0 +1,173 @@
+"""Vocabulary, scenes and captions of the shapes world.
+
+A scene is a background colour and one or two objects. An object is a plain shape (8 shapes,
+10 colours, 4 textures, a continuous size, a position and a small rotation) or a *badge*: the
+macro class of the personalization methods, an outer shape with an inner emblem of another shape
+and colour. A handful of specific badges (`CONCEPTS`) never appear in training scenes: they are
+the "my dog" of this world, learnt from a few reference renders.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, replace
+
+SHAPES = ("circle", "square", "triangle", "star", "hexagon", "heart", "diamond", "cross")
+COLOURS = {
+    "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 215, 40), "green": (40, 160, 60),
+    "blue": (40, 90, 220), "purple": (140, 60, 190), "pink": (245, 130, 190), "white": (245, 245, 245),
+    "black": (20, 20, 20), "brown": (130, 80, 40),
+}
+BACKGROUNDS = {
+    "gray": (128, 128, 128), "white": (235, 235, 235), "black": (30, 30, 30), "beige": (225, 210, 170),
+    "navy": (25, 35, 90), "teal": (30, 110, 110),
+}
+TEXTURES = ("plain", "striped", "dotted", "checkered")
+# Object radius as a fraction of the image side; the gaps keep size words unambiguous.
+SIZES = {"small": (0.13, 0.18), "medium": (0.21, 0.26), "large": (0.30, 0.36)}
+RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+BADGE_SHAPES = ("circle", "square", "hexagon", "diamond")  # outer shapes of badges
+CLASS_WORD = "badge"
+MIN_CONTRAST = 90.0  # RGB distance between an object's colour and its background
+
+
+@dataclass(frozen=True)
+class Badge:
+    """The identity of a badge: what the personalization methods must preserve."""
+
+    outer: str
+    outer_colour: str
+    inner: str
+    inner_colour: str
+
+
+# Held-out personalization concepts: never sampled as training badges.
+CONCEPTS = {
+    "sun_medal": Badge("hexagon", "purple", "star", "yellow"),
+    "love_seal": Badge("circle", "blue", "heart", "pink"),
+    "cross_shield": Badge("square", "green", "cross", "white"),
+    "ember_gem": Badge("diamond", "black", "triangle", "orange"),
+    "moon_token": Badge("circle", "brown", "diamond", "white"),
+}
+
+
+@dataclass
+class ObjectSpec:
+    shape: str                 # one of SHAPES, or "badge"
+    colour: str                # main colour (a badge's outer colour)
+    size: float                # radius / image side
+    x: float                   # centre, as a fraction of the width (0 = left)
+    y: float                   # centre, as a fraction of the height (0 = top)
+    texture: str = "plain"
+    angle: float = 0.0         # degrees
+    badge: Badge | None = None
+
+    @property
+    def size_word(self) -> str:
+        for word, (lo, hi) in SIZES.items():
+            if lo - 1e-6 <= self.size <= hi + 1e-6:
+                return word
+        return min(SIZES, key=lambda w: abs(sum(SIZES[w]) / 2 - self.size))
+
+    def phrase(self, with_size: bool = True) -> str:
+        size = f"{self.size_word} " if with_size else ""
+        if self.badge is not None:
+            return f"{size}{CLASS_WORD}"
+        texture = "" if self.texture == "plain" else f"{self.texture} "
+        return f"{size}{self.colour} {texture}{self.shape}"
+
+
+@dataclass
+class Scene:
+    background: str
+    objects: list[ObjectSpec] = field(default_factory=list)
+    relation: str | None = None  # between objects[0] and objects[1]
+
+    def caption(self) -> str:
+        first = self.objects[0].phrase()
+        if len(self.objects) == 1:
+            return f"a {first} on a {self.background} background"
+        second = self.objects[1].phrase()
+        return f"a {first} {self.relation} a {second} on a {self.background} background"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _contrasts(colour: str, background: str) -> bool:
+    a, b = COLOURS[colour], BACKGROUNDS[background]
+    return sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 >= MIN_CONTRAST
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can use (for the tokenizer)."""
+    words = {"a", "on", "background", CLASS_WORD, *SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES, *SIZES}
+    for relation in RELATIONS:
+        words.update(relation.split())
+    return sorted(words)
+
+
+class SceneSampler:
+    """Draws random scenes; `badge_p` of objects are badges (never one of the held-out CONCEPTS)."""
+
+    def __init__(self, two_object_p: float = 0.4, badge_p: float = 0.15, texture_p: float = 0.35,
+                 max_angle: float = 15.0, held_out: tuple[Badge, ...] = tuple(CONCEPTS.values())):
+        self.two_object_p, self.badge_p, self.texture_p = two_object_p, badge_p, texture_p
+        self.max_angle = max_angle
+        self.held_out = set(held_out)
+
+    def _badge(self, rng: random.Random, background: str) -> Badge:
+        while True:
+            outer_colour = rng.choice([c for c in COLOURS if _contrasts(c, background)])
+            inner_colour = rng.choice([c for c in COLOURS if c != outer_colour and
+                                       sum((x - y) ** 2 for x, y in zip(COLOURS[c], COLOURS[outer_colour])) > 90 ** 2])
+            badge = Badge(rng.choice(BADGE_SHAPES), outer_colour, rng.choice(SHAPES), inner_colour)
+            if badge not in self.held_out:
+                return badge
+
+    def _object(self, rng: random.Random, background: str, sizes: tuple[str, ...], x: float, y: float) -> ObjectSpec:
+        word = rng.choice(sizes)
+        size = rng.uniform(*SIZES[word])
+        angle = rng.uniform(-self.max_angle, self.max_angle)
+        if rng.random() < self.badge_p:
+            badge = self._badge(rng, background)
+            return ObjectSpec("badge", badge.outer_colour, size, x, y, "plain", angle, badge)
+        colour = rng.choice([c for c in COLOURS if _contrasts(c, background)])
+        texture = rng.choice(TEXTURES[1:]) if rng.random() < self.texture_p else "plain"
+        return ObjectSpec(rng.choice(SHAPES), colour, size, x, y, texture, angle)
+
+    def sample(self, rng: random.Random) -> Scene:
+        background = rng.choice(list(BACKGROUNDS))
+        if rng.random() >= self.two_object_p:
+            obj = self._object(rng, background, tuple(SIZES), 0.5, 0.5)
+            margin = obj.size + 0.04
+            obj.x, obj.y = rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)
+            return Scene(background, [obj])
+        relation = rng.choice(list(RELATIONS))
+        dx, dy = RELATIONS[relation]
+        first = self._object(rng, background, ("small", "medium"), 0.5, 0.5)
+        second = self._object(rng, background, ("small", "medium"), 0.5, 0.5)
+        # `first` sits about a quarter of the image from the centre on the relation's side, `second` opposite
+        for obj, side in ((first, 1), (second, -1)):
+            along = 0.5 + side * (dx or dy) * rng.uniform(0.21, 0.29)
+            along = min(max(along, obj.size + 0.02), 1 - obj.size - 0.02)
+            across = rng.uniform(obj.size + 0.05, 1 - obj.size - 0.05)
+            obj.x, obj.y = (along, across) if dx else (across, along)
+        return Scene(background, [first, second], relation)
+
+
+def concept_scene(name: str, rng: random.Random, background: str | None = None) -> Scene:
+    """A render of a held-out concept in a random pose, size and background (reference sets)."""
+    badge = CONCEPTS[name]
+    backgrounds = [b for b in BACKGROUNDS if _contrasts(badge.outer_colour, b)]
+    background = background or rng.choice(backgrounds)
+    size = rng.uniform(SIZES["medium"][0], SIZES["large"][1])
+    margin = size + 0.04
+    obj = ObjectSpec("badge", badge.outer_colour, size, rng.uniform(margin, 1 - margin),
+                     rng.uniform(margin, 1 - margin), "plain", rng.uniform(-15, 15), badge)
+    return Scene(background, [obj])
+
+
+def with_object(scene: Scene, **changes) -> Scene:
+    """A copy of a one-object scene with some of the object's fields changed."""
+    return Scene(scene.background, [replace(scene.objects[0], **changes)] + scene.objects[1:], scene.relation)

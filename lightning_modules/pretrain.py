@@ -1,0 +1,202 @@
+"""Train a small text-to-image latent diffusion model from scratch (the shapes-world backbones).
+
+Stage 1 (steps < vae_steps) trains the autoencoder: L1 reconstruction + a small KL term.
+Stage 2 freezes it, sets the latent scaling factor to 1 / std of the latents, and trains the UNet
+and the CLIP text encoder with the epsilon-prediction loss, dropping the caption for `uncond_p` of
+the samples (classifier-free guidance). An exponential moving average of the UNet and text
+encoder is what gets exported, as a diffusers StableDiffusionPipeline folder.
+
+`init_from` starts from an existing pipeline folder and reuses its tokenizer, text encoder and
+autoencoder (the text encoder frozen when `train_text_encoder` is false): a second UNet on the same
+text encoder (shapes_b), the stand-in for models that share CLIP (SDXL and SD1.5). With
+`init_unet` the UNet is taken from there too, to continue training an exported model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from diffusion.clip_tokenizer import write_clip_tokenizer
+from utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _schedule(start: int, warmup: int, total: int):
+    """0 before `start`, linear warm-up, then cosine decay to 10% at `total`."""
+    def factor(step: int) -> float:
+        if step < start:
+            return 0.0
+        s = step - start
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, total - start - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(self, unet: dict, text_encoder: dict, vae: dict, words: list[str], total_steps: int,
+                 vae_steps: int = 3000, lr_vae: float = 4e-4, lr_unet: float = 3e-4, warmup: int = 500,
+                 weight_decay: float = 0.01, uncond_p: float = 0.1, kl_weight: float = 1e-6, ema_decay: float = 0.999,
+                 init_from: str | None = None, init_unet: bool = False, train_text_encoder: bool = True,
+                 seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if init_from is None and vae_steps <= 0:
+            raise ConfigError("module.vae_steps must be > 0 unless module.init_from gives a trained autoencoder")
+        self.built = False
+
+    # ----- model -----------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.built:
+            return
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        hp = self.hparams
+        torch.manual_seed(hp.seed)
+        if hp.init_from:
+            base = Path(hp.init_from)
+            if not (base / "text_encoder").is_dir():
+                raise ConfigError(f"module.init_from={base} is not a pipeline folder; train the first model first")
+            self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+            self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32)
+            self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+            self.vae.requires_grad_(False)
+            if not hp.train_text_encoder:
+                self.text_encoder.requires_grad_(False)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(hp.words, tmp))
+            ids = dict(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                       pad_token_id=self.tokenizer.pad_token_id, vocab_size=len(self.tokenizer))
+            self.text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **hp.text_encoder))
+            self.vae = AutoencoderKL(**hp.vae)
+        if hp.init_from and hp.init_unet:
+            self.unet = UNet2DConditionModel.from_pretrained(hp.init_from, subfolder="unet", torch_dtype=torch.float32)
+        else:
+            self.unet = UNet2DConditionModel(**hp.unet)
+        self.ema = {name: copy.deepcopy(getattr(self, name)).requires_grad_(False).eval()
+                    for name in ("unet", "text_encoder")}
+        from diffusers import DDPMScheduler
+        self.noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             num_train_timesteps=1000)
+        self.built = True
+
+    @property
+    def in_vae_stage(self) -> bool:
+        return self.hparams.init_from is None and self.global_step < self.hparams.vae_steps
+
+    # ----- losses ----------------------------------------------------------------------------------
+    def vae_loss(self, pixels: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(pixels).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        rec = F.l1_loss(recon.float(), pixels.float())
+        kl = posterior.kl().mean()
+        self.log_dict({"vae/l1": rec, "vae/kl": kl}, prog_bar=True)
+        return rec + self.hparams.kl_weight * kl
+
+    def diffusion_loss(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+        drop = torch.rand(len(prompts)) < self.hparams.uncond_p
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        text = self.text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=text).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.in_vae_stage:
+            return self.vae_loss(batch["pixel_values"])
+        if self.hparams.init_from is None and self.global_step == self.hparams.vae_steps:
+            self.set_latent_scale(batch["pixel_values"])
+        return self.diffusion_loss(batch["pixel_values"], batch["prompt"])
+
+    @torch.no_grad()
+    def set_latent_scale(self, pixels: torch.Tensor) -> None:
+        """Freeze the autoencoder and scale latents to unit variance (SD's 0.18215, measured here)."""
+        self.vae.requires_grad_(False)
+        std = self.vae.encode(pixels).latent_dist.sample().float().std()
+        std = self.trainer.strategy.reduce(std, reduce_op="mean")
+        self.vae.register_to_config(scaling_factor=float(1.0 / std))
+        log.info("autoencoder frozen; latent scaling factor %.4f", self.vae.config.scaling_factor)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.in_vae_stage:
+            return
+        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        for name, shadow in self.ema.items():
+            live = [p.detach() for p in getattr(self, name).parameters()]
+            torch._foreach_lerp_(list(shadow.parameters()), live, 1 - decay)
+
+    def on_fit_start(self) -> None:
+        for shadow in self.ema.values():
+            shadow.to(self.device)
+
+    # ----- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        vae_params = [p for p in self.vae.parameters() if p.requires_grad]
+        model_params = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
+        groups = [{"params": model_params, "lr": hp.lr_unet}]
+        start = 0 if hp.init_from else hp.vae_steps
+        lambdas = [_schedule(start, hp.warmup, hp.total_steps)]
+        if vae_params:
+            groups.append({"params": vae_params, "lr": hp.lr_vae})
+            lambdas.append(lambda step: min(1.0, (step + 1) / 200) if step < hp.vae_steps else 0.0)
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, betas=(0.9, 0.99))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints and export ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ema"] = {name: m.state_dict() for name, m in self.ema.items()}
+        checkpoint["latent_scale"] = self.vae.config.scaling_factor
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        for name, state in checkpoint["ema"].items():
+            self.ema[name].load_state_dict(state)
+        self.vae.register_to_config(scaling_factor=checkpoint["latent_scale"])
+        if self.hparams.init_from is None and checkpoint["global_step"] > self.hparams.vae_steps:
+            self.vae.requires_grad_(False)
+
+    def export_artifacts(self, out_dir: str | Path) -> list[Path]:
+        """The EMA model as a diffusers StableDiffusionPipeline folder (fp16) under out_dir/pipeline."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        if self.in_vae_stage:
+            log.warning("training stopped in the autoencoder stage: no pipeline to export")
+            return []
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipe = StableDiffusionPipeline(vae=copy.deepcopy(self.vae).cpu().half(),
+                                       text_encoder=copy.deepcopy(self.ema["text_encoder"]).cpu().half(),
+                                       tokenizer=self.tokenizer, unet=copy.deepcopy(self.ema["unet"]).cpu().half(),
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        out = Path(out_dir) / "pipeline"
+        staging = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=".pipeline-"))
+        pipe.save_pretrained(staging)
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        staging.rename(out)
+        log.info("exported the EMA pipeline to %s", out)
+        return [out]

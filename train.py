@@ -38,9 +38,8 @@ def _ddp_under_multirun(cfg: DictConfig) -> None:
 @task
 def train(cfg: DictConfig) -> float | None:
     import lightning as L
-    from hydra.utils import instantiate
-
     import torch
+    from hydra.utils import instantiate
 
     refuse_to_overwrite(cfg.paths.output_dir, resuming=cfg.get("ckpt_path") is not None)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)

@@ -82,6 +82,10 @@ class Conditioning:
         )
 
 
+# Stable Diffusion's noise schedule; DDIM settings as the SD pipelines sample with.
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+SD_DDIM = {**SD_BETAS, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
 REQUIRED = {"sd": ("unet", "vae", "text_encoder", "tokenizer"),
             "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
 
@@ -300,7 +304,7 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
         sched_config = DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision)
     except (OSError, ValueError):
         log.warning("%s has no scheduler/; using the Stable Diffusion beta schedule", path)
-        sched_config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+        sched_config = dict(SD_BETAS)
     overrides = {"clip_sample": False, "set_alpha_to_one": False}
     if prediction_type:
         overrides["prediction_type"] = prediction_type

@@ -44,6 +44,7 @@ def build_random_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from diffusion.backbone import SD_DDIM
     from diffusion.clip_tokenizer import write_clip_tokenizer
 
     if arch not in UNETS:
@@ -64,8 +65,7 @@ def build_random_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0
             text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **CLIP_L)).to(dtype)
             text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig(**ids, **CLIP_BIGG)).to(dtype)
                               if arch == "sdxl" else None)
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        scheduler = DDIMScheduler(**SD_DDIM)
         if arch == "sdxl":
             pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                              tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)

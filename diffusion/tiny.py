@@ -30,6 +30,7 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", seed: int = 0) ->
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from diffusion.backbone import SD_DDIM
     from diffusion.clip_tokenizer import write_clip_tokenizer
 
     if kind not in ("sd", "sd2", "sdxl"):
@@ -61,9 +62,7 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", seed: int = 0) ->
         vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32, sample_size=64)
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                  prediction_type="v_prediction" if kind == "sd2" else "epsilon")
+        scheduler = DDIMScheduler(**SD_DDIM, prediction_type="v_prediction" if kind == "sd2" else "epsilon")
         if kind == "sdxl":
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
             pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

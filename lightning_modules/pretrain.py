@@ -24,6 +24,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from diffusion.backbone import SD_BETAS, SD_DDIM
 from diffusion.clip_tokenizer import write_clip_tokenizer
 from utils.errors import ConfigError
 
@@ -59,7 +60,7 @@ class PretrainModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.built:
             return
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
         hp = self.hparams
@@ -87,9 +88,7 @@ class PretrainModule(L.LightningModule):
             self.unet = UNet2DConditionModel(**hp.unet)
         self.ema = {name: copy.deepcopy(getattr(self, name)).requires_grad_(False).eval()
                     for name in ("unet", "text_encoder")}
-        from diffusers import DDPMScheduler
-        self.noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                             num_train_timesteps=1000)
+        self.noise_scheduler = DDPMScheduler(**SD_BETAS, num_train_timesteps=1000)
         self.built = True
 
     @property
@@ -184,8 +183,7 @@ class PretrainModule(L.LightningModule):
         if self.in_vae_stage:
             log.warning("training stopped in the autoencoder stage: no pipeline to export")
             return []
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        scheduler = DDIMScheduler(**SD_DDIM)
         pipe = StableDiffusionPipeline(vae=copy.deepcopy(self.vae).cpu().half(),
                                        text_encoder=copy.deepcopy(self.ema["text_encoder"]).cpu().half(),
                                        tokenizer=self.tokenizer, unet=copy.deepcopy(self.ema["unet"]).cpu().half(),

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.shapes.render import render_scene
+from datamodules.shapes.render import pad_masks, render_scene
 from datamodules.shapes.world import SceneSampler
 from datamodules.stream import IndexedStream, stream_position
 
@@ -27,9 +27,7 @@ class ShapesStream:
     def __call__(self, k: int) -> dict:
         scene = self.scene(k)
         image, masks = render_scene(scene, self.resolution, self.supersample)
-        padded = torch.zeros(2, self.resolution, self.resolution)
-        padded[: len(masks)] = masks
-        return {"pixel_values": image * 2 - 1, "prompt": scene.caption(), "masks": padded,
+        return {"pixel_values": image * 2 - 1, "prompt": scene.caption(), "masks": pad_masks(masks),
                 "scene": json.dumps(scene.to_dict())}
 
 

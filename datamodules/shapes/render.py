@@ -115,22 +115,24 @@ def render_scene(scene: Scene, resolution: int = 64, supersample: int = 4, devic
     image = colour_tensor(scene.background, BACKGROUNDS, device).view(3, 1, 1).expand(3, side, side).clone()
     owner = torch.full((side, side), -1, dtype=torch.long, device=device)
     for i, obj in enumerate(scene.objects):
-        for inside, colours in _object_layers(obj, xs, ys, side):
+        layers = _object_layers(obj, xs, ys, side)
+        for inside, colours in layers:
             image = torch.where(inside, colours, image)
-        owner = torch.where(_object_layers(obj, xs, ys, side)[0][0], i, owner)
+        owner = torch.where(layers[0][0], i, owner)  # the first layer is the object's outline
     image = F.avg_pool2d(image[None], supersample)[0]
     masks = torch.stack([(owner == i).float() for i in range(len(scene.objects))])
     masks = F.avg_pool2d(masks[:, None], supersample)[:, 0]
     return image.clamp(0, 1), masks
 
 
+def pad_masks(masks: torch.Tensor, slots: int = 2) -> torch.Tensor:
+    """[n, H, W] object masks -> [slots, H, W], zeros for absent objects (so batches stack)."""
+    padded = masks.new_zeros(slots, *masks.shape[1:])
+    padded[: len(masks)] = masks
+    return padded
+
+
 def render_batch(scenes: Sequence[Scene], resolution: int = 64, supersample: int = 4, device="cpu"):
     """Stacked images [B, 3, H, W] and masks [B, 2, H, W] (zeros where a scene has one object)."""
-    images, masks = [], []
-    for scene in scenes:
-        image, mask = render_scene(scene, resolution, supersample, device)
-        padded = torch.zeros(2, resolution, resolution, device=device)
-        padded[: len(mask)] = mask
-        images.append(image)
-        masks.append(padded)
-    return torch.stack(images), torch.stack(masks)
+    rendered = [render_scene(scene, resolution, supersample, device) for scene in scenes]
+    return torch.stack([image for image, _ in rendered]), torch.stack([pad_masks(m) for _, m in rendered])

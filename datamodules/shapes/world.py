@@ -10,7 +10,7 @@ the "my dog" of this world, learnt from a few reference renders.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "heart", "diamond", "cross")
 COLOURS = {
@@ -69,12 +69,11 @@ class ObjectSpec:
                 return word
         return min(SIZES, key=lambda w: abs(sum(SIZES[w]) / 2 - self.size))
 
-    def phrase(self, with_size: bool = True) -> str:
-        size = f"{self.size_word} " if with_size else ""
+    def phrase(self) -> str:
         if self.badge is not None:
-            return f"{size}{CLASS_WORD}"
+            return f"{self.size_word} {CLASS_WORD}"
         texture = "" if self.texture == "plain" else f"{self.texture} "
-        return f"{size}{self.colour} {texture}{self.shape}"
+        return f"{self.size_word} {self.colour} {texture}{self.shape}"
 
 
 @dataclass
@@ -94,9 +93,12 @@ class Scene:
         return asdict(self)
 
 
+def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    return sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5
+
+
 def _contrasts(colour: str, background: str) -> bool:
-    a, b = COLOURS[colour], BACKGROUNDS[background]
-    return sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 >= MIN_CONTRAST
+    return _distance(COLOURS[colour], BACKGROUNDS[background]) >= MIN_CONTRAST
 
 
 def vocabulary() -> list[str]:
@@ -119,13 +121,15 @@ class SceneSampler:
     def _badge(self, rng: random.Random, background: str) -> Badge:
         while True:
             outer_colour = rng.choice([c for c in COLOURS if _contrasts(c, background)])
-            inner_colour = rng.choice([c for c in COLOURS if c != outer_colour and
-                                       sum((x - y) ** 2 for x, y in zip(COLOURS[c], COLOURS[outer_colour])) > 90 ** 2])
+            inner_colour = rng.choice([c for c in COLOURS
+                                       if _distance(COLOURS[c], COLOURS[outer_colour]) > MIN_CONTRAST])
             badge = Badge(rng.choice(BADGE_SHAPES), outer_colour, rng.choice(SHAPES), inner_colour)
             if badge not in self.held_out:
                 return badge
 
-    def _object(self, rng: random.Random, background: str, sizes: tuple[str, ...], x: float, y: float) -> ObjectSpec:
+    def _object(self, rng: random.Random, background: str, sizes: tuple[str, ...]) -> ObjectSpec:
+        """An object with its size, look and rotation; the caller places it (x, y)."""
+        x = y = 0.5
         word = rng.choice(sizes)
         size = rng.uniform(*SIZES[word])
         angle = rng.uniform(-self.max_angle, self.max_angle)
@@ -139,14 +143,14 @@ class SceneSampler:
     def sample(self, rng: random.Random) -> Scene:
         background = rng.choice(list(BACKGROUNDS))
         if rng.random() >= self.two_object_p:
-            obj = self._object(rng, background, tuple(SIZES), 0.5, 0.5)
+            obj = self._object(rng, background, tuple(SIZES))
             margin = obj.size + 0.04
             obj.x, obj.y = rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)
             return Scene(background, [obj])
         relation = rng.choice(list(RELATIONS))
         dx, dy = RELATIONS[relation]
-        first = self._object(rng, background, ("small", "medium"), 0.5, 0.5)
-        second = self._object(rng, background, ("small", "medium"), 0.5, 0.5)
+        first = self._object(rng, background, ("small", "medium"))
+        second = self._object(rng, background, ("small", "medium"))
         # `first` sits about a quarter of the image from the centre on the relation's side, `second` opposite
         for obj, side in ((first, 1), (second, -1)):
             along = 0.5 + side * (dx or dy) * rng.uniform(0.21, 0.29)
@@ -167,7 +171,3 @@ def concept_scene(name: str, rng: random.Random, background: str | None = None) 
                      rng.uniform(margin, 1 - margin), "plain", rng.uniform(-15, 15), badge)
     return Scene(background, [obj])
 
-
-def with_object(scene: Scene, **changes) -> Scene:
-    """A copy of a one-object scene with some of the object's fields changed."""
-    return Scene(scene.background, [replace(scene.objects[0], **changes)] + scene.objects[1:], scene.relation)

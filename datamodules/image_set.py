@@ -2,12 +2,15 @@
 
 Layout: `images_dir/*.png|jpg|...`; optional `masks_dir/<same stem>.png` (white = concept) and
 `pair_dirs` (each holding a file of the same name per image, e.g. the B side of visual-slider
-pairs). Everything is checked when the data module is set up, so a bad folder fails at once with
-the file's name instead of mid-run.
+pairs); with `templates: captions`, `images_dir/captions.json` maps each image's stem to its own
+caption, '{}' marking the concept (the shapes world's reference sets describe each render so).
+Everything is checked when the data module is set up, so a bad folder fails at once with the
+file's name instead of mid-run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -85,6 +88,25 @@ def scan_image_set(images_dir, masks_dir=None, pair_dirs: Sequence[str] = (), mi
     return records
 
 
+def read_captions(images_dir, records: Sequence[ImageRecord]) -> list[str]:
+    """Each image's caption template from images_dir/captions.json (stem -> text with one '{}')."""
+    path = Path(images_dir) / "captions.json"
+    if not path.is_file():
+        raise DataError(f"data.templates=captions needs {path} (image stem -> caption with '{{}}'); "
+                        f"add it or use a template set such as 'object'")
+    try:
+        captions = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+    out = []
+    for r in records:
+        text = captions.get(r.image.stem) if isinstance(captions, dict) else None
+        if not isinstance(text, str) or text.count("{}") != 1:
+            raise DataError(f"{path} needs a caption with exactly one '{{}}' for image {r.image.name}")
+        out.append(text)
+    return out
+
+
 def _square(im: Image.Image, resolution: int, resample) -> Image.Image:
     """Resize the short side to `resolution` and center-crop to a square."""
     w, h = im.size
@@ -104,9 +126,10 @@ class ImageSet:
     """Decoded, resized images (and masks, pairs) held in memory; items are drawn by index."""
 
     def __init__(self, records: list[ImageRecord], resolution: int, templates: Sequence[str], token: str,
-                 flip_p: float = 0.5, seed: int = 0):
+                 flip_p: float = 0.5, seed: int = 0, captions: Sequence[str] | None = None):
         self.records = records
         self.templates = tuple(templates)
+        self.captions = captions  # per-image templates; when given they replace `templates`
         self.token = token
         self.flip_p, self.seed = flip_p, seed
         self.images = [to_tensor(_square(_open_rgb(r.image), resolution, Image.BICUBIC)) for r in records]
@@ -125,6 +148,8 @@ class ImageSet:
         i = int(order[k % n])
         g = item_generator(self.seed, k)
         template = self.templates[int(torch.randint(len(self.templates), (1,), generator=g))]
+        if self.captions is not None:
+            template = self.captions[i]
         flip = bool(torch.rand((), generator=g) < self.flip_p)
         item = {"pixel_values": self.images[i], "prompt": template.format(self.token), "index": i}
         if self.masks[i] is not None:
@@ -144,14 +169,15 @@ class ImageSetDataModule(L.LightningDataModule):
                  num_workers: int = 0, flip_p: float = 0.5, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.templates = resolve_templates(templates)
+        self.templates = ("{}",) if templates == "captions" else resolve_templates(templates)
         self.image_set: ImageSet | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.image_set is None:
             hp = self.hparams
             records = scan_image_set(hp.images_dir, hp.masks_dir, hp.pair_dirs, min_size=hp.resolution)
-            self.image_set = ImageSet(records, hp.resolution, self.templates, hp.token, hp.flip_p, hp.seed)
+            captions = read_captions(hp.images_dir, records) if hp.templates == "captions" else None
+            self.image_set = ImageSet(records, hp.resolution, self.templates, hp.token, hp.flip_p, hp.seed, captions)
             log.info("image set: %d images from %s", len(records), hp.images_dir)
 
     def train_dataloader(self) -> DataLoader:

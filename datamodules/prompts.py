@@ -30,11 +30,14 @@ NAMED = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    """A named template set ('object', 'style') or an explicit list, each with one '{}'."""
+    """A named template set ('object', 'style') or an explicit list, each with one '{}'.
+
+    ('captions', per-image captions, is resolved by the image set, which knows the files.)
+    """
     if isinstance(templates, str):
         if templates not in NAMED:
-            raise ConfigError(f"data.templates={templates!r} is unknown; use one of {sorted(NAMED)} or a list of "
-                              f"strings with '{{}}'")
+            raise ConfigError(f"data.templates={templates!r} is unknown; use one of {sorted(NAMED)}, 'captions' "
+                              f"(the images' own captions.json) or a list of strings with '{{}}'")
         return NAMED[templates]
     templates = tuple(templates)
     if not templates:

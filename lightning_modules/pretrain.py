@@ -8,13 +8,14 @@ encoder is what gets exported, as a diffusers StableDiffusionPipeline folder.
 
 `init_from` starts from an existing pipeline folder and reuses its tokenizer, text encoder and
 autoencoder (the text encoder frozen when `train_text_encoder` is false): a second UNet on the same
-text encoder (shapes_b), the stand-in for models that share CLIP (SDXL and SD1.5). With
-`init_unet` the UNet is taken from there too, to continue training an exported model.
+text encoder (shapes_b), the stand-in for models that share CLIP (SDXL and SD1.5). `unet_from`
+names a pipeline folder whose UNet training continues from (an exported model, trained further).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import tempfile
@@ -48,12 +49,14 @@ class PretrainModule(L.LightningModule):
     def __init__(self, unet: dict, text_encoder: dict, vae: dict, words: list[str], total_steps: int,
                  vae_steps: int = 3000, lr_vae: float = 4e-4, lr_unet: float = 3e-4, warmup: int = 500,
                  weight_decay: float = 0.01, uncond_p: float = 0.1, kl_weight: float = 1e-6, ema_decay: float = 0.999,
-                 init_from: str | None = None, init_unet: bool = False, train_text_encoder: bool = True,
+                 init_from: str | None = None, unet_from: str | None = None, train_text_encoder: bool = True,
                  seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         if init_from is None and vae_steps <= 0:
             raise ConfigError("module.vae_steps must be > 0 unless module.init_from gives a trained autoencoder")
+        if unet_from is not None and not (Path(unet_from) / "unet").is_dir():
+            raise ConfigError(f"module.unet_from={unet_from} has no unet/ folder; give an exported pipeline")
         self.built = False
 
     # ----- model -----------------------------------------------------------------------------------
@@ -82,8 +85,8 @@ class PretrainModule(L.LightningModule):
                        pad_token_id=self.tokenizer.pad_token_id, vocab_size=len(self.tokenizer))
             self.text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **hp.text_encoder))
             self.vae = AutoencoderKL(**hp.vae)
-        if hp.init_from and hp.init_unet:
-            self.unet = UNet2DConditionModel.from_pretrained(hp.init_from, subfolder="unet", torch_dtype=torch.float32)
+        if hp.unet_from:
+            self.unet = UNet2DConditionModel.from_pretrained(hp.unet_from, subfolder="unet", torch_dtype=torch.float32)
         else:
             self.unet = UNet2DConditionModel(**hp.unet)
         self.ema = {name: copy.deepcopy(getattr(self, name)).requires_grad_(False).eval()
@@ -192,6 +195,10 @@ class PretrainModule(L.LightningModule):
         out = Path(out_dir) / "pipeline"
         staging = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=".pipeline-"))
         pipe.save_pretrained(staging)
+        for config in staging.glob("*/config.json"):  # the folder it was loaded from is no part of the model
+            data = json.loads(config.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if out.exists():
             import shutil
             shutil.rmtree(out)

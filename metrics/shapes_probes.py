@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -438,13 +439,18 @@ def expected_area(spec: ObjectSpec) -> float:
     return unit_area(spec.badge.outer if spec.badge else spec.shape) * spec.size ** 2
 
 
-def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
+def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene],
+                   caption_only: bool = False) -> dict[str, torch.Tensor]:
     """Correctness (1/0) of readings against ground-truth scenes, and the read sizes.
 
     Per image: "background", "count". Per scene object (objects matched by `match_objects`; a missing one
     is wrong): "shape", "colour", "texture", "size" (the read size's SIZES bin), "area" (read area, 0 when
     missing) and "expected_area" (`expected_area`). Per badge object: "outer", "outer_colour", "inner",
     "inner_colour" (wrong unless the object reads as a badge).
+
+    caption_only: judge a generated image by what its caption states. A caption names a badge only by
+    its class word and size, so a badge's colour and texture score NaN and its badge attributes are left
+    out (use nanmean); the renders' full ground truth is for judging the probes themselves.
     """
     keys = ("background", "count", "shape", "colour", "texture", "size", "area", "expected_area", *BADGE_HEADS)
     out: dict[str, list[float]] = {key: [] for key in keys}
@@ -453,12 +459,14 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
         out["count"].append(len(reading.objects) == len(scene.objects))
         for spec, j in zip(scene.objects, match_objects(reading, scene)):
             got = reading.objects[j] if j is not None else None
+            unstated = caption_only and spec.badge is not None
             for name in ("shape", "colour", "texture"):
-                out[name].append(got is not None and getattr(got, name) == getattr(spec, name))
+                right = got is not None and getattr(got, name) == getattr(spec, name)
+                out[name].append(math.nan if unstated and name != "shape" else right)
             out["size"].append(got is not None and got.size_word == spec.size_word)
             out["area"].append(got.area if got is not None else 0.0)
             out["expected_area"].append(expected_area(spec))
-            if spec.badge is not None:
+            if spec.badge is not None and not unstated:
                 for name in BADGE_HEADS:
                     read = got.badge if got is not None else None
                     out[name].append(read is not None and getattr(read, name) == getattr(spec.badge, name))

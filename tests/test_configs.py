@@ -36,11 +36,30 @@ def test_fast_dev_run_in_process(tiny_dir, image_folder, tmp_path):
     """debug=fdr runs one training step through train.train (no checkpoints, no artifacts on disk)."""
     import train
 
-    cfg = compose_cfg("train", ["debug=fdr", f"model.path={tiny_dir}", f"data.images_dir={image_folder / 'images'}",
+    cfg = compose_cfg("train", ["debug=fdr", "model=tiny", f"model.path={tiny_dir}",
+                                f"data.images_dir={image_folder / 'images'}",
                                 "optimized_metric=train/loss"], tmp_path)
     loss = train.train(cfg)
     assert loss is not None and 0 < loss < 10
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_default_job_is_textual_inversion_on_a_shapes_concept(tmp_path):
+    """`python train.py` with no overrides: the shipped shapes model learns the held-out concept sun_medal
+    from its reference renders, each captioned in the world's language; one step runs (debug=fdr)."""
+    import hydra
+
+    import train
+
+    cfg = compose_cfg("train", [], tmp_path)
+    assert cfg.model.name == "shapes" and cfg.method_name == "textual_inversion"
+    assert cfg.module.token.initializer == "badge" and cfg.data.templates == "captions"
+    data = hydra.utils.instantiate(cfg.data)
+    data.setup("fit")
+    prompts = {data.image_set(k)["prompt"] for k in range(10)}
+    assert len(prompts) >= 3 and all(p.startswith("a ") and "<concept> on a " in p for p in prompts)
+    loss = train.train(compose_cfg("train", ["debug=fdr", "optimized_metric=train/loss"], tmp_path / "fdr"))
+    assert loss is not None and 0 < loss < 10
 
 
 def test_evaluate_config_composes(tmp_path):

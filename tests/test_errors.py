@@ -57,7 +57,7 @@ def zero_vectors(tmp, images):
                                   zero_vectors], ids=lambda f: f.__name__)
 def test_train_rejects_bad_input(case, tiny_dir, image_folder, tmp_path, capsys):
     overrides, message = case(tmp_path, image_folder)
-    overrides = ["trainer=cpu", "logger=csv", f"model.path={tiny_dir}", *overrides]
+    overrides = ["trainer=cpu", "logger=csv", "model=tiny", f"model.path={tiny_dir}", *overrides]
     assert message in run_entry("train", overrides, tmp_path, capsys)
     assert not list((tmp_path / "out").rglob("*.ckpt")) and not list((tmp_path / "out").rglob("*.safetensors"))
 
@@ -73,6 +73,6 @@ def test_train_rejects_a_model_folder_without_unet(tiny_dir, image_folder, tmp_p
 
 
 def test_evaluate_rejects_a_missing_artifact(tiny_dir, tmp_path, capsys):
-    line = run_entry("evaluate", [f"model.path={tiny_dir}", f"artifact={tmp_path / 'nope.safetensors'}"],
+    line = run_entry("evaluate", ["model=tiny", f"model.path={tiny_dir}", f"artifact={tmp_path / 'nope.safetensors'}"],
                      tmp_path, capsys)
     assert "nope.safetensors does not exist" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -315,7 +316,7 @@ def test_named_templates():
 
 
 @pytest.mark.parametrize("templates, message", [
-    ("objects", r"data\.templates='objects' is unknown; use one of \['object', 'style'\]"),
+    ("objects", r"data\.templates='objects' is unknown; use one of \['object', 'style'\], 'captions'"),
     ([], r"data\.templates is empty; give at least one template with '\{\}'"),
     (["a photo of it"], r"template 'a photo of it' must contain exactly one '\{\}' where the token goes"),
     (["{} and {}"], r"template '\{\} and \{\}' must contain exactly one '\{\}'"),
@@ -330,3 +331,30 @@ def test_data_module_rejects_bad_templates(image_folder):
     """A bad template fails when the data module is built."""
     with pytest.raises(ConfigError, match="must contain exactly one"):
         data_module(image_folder, templates=["no slot"])
+
+
+# ----- per-image captions -------------------------------------------------------------------------
+def test_captions_give_each_image_its_own_prompt(image_folder):
+    """templates=captions: every image is always paired with its own caption from captions.json."""
+    folder = image_folder / "images"
+    stems = sorted(p.stem for p in folder.glob("*.png"))
+    (folder / "captions.json").write_text(json.dumps({s: f"a {{}} numbered {s}" for s in stems}))
+    dm = data_module(image_folder, templates="captions", flip_p=0.0)
+    dm.setup("fit")
+    for k in range(12):
+        item = dm.image_set(k)
+        assert item["prompt"] == f"a <t> numbered {stems[item['index']]}"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "data.templates=captions needs .*captions.json"),
+    ("{not json", "is not valid JSON"),
+    ('{"00": "no slot here"}', "needs a caption with exactly one '\\{\\}' for image"),
+])
+def test_caption_errors(image_folder, content, message):
+    """A missing, unreadable or incomplete captions.json fails at setup with the file and image named."""
+    if content is not None:
+        (image_folder / "images" / "captions.json").write_text(content)
+    dm = data_module(image_folder, templates="captions")
+    with pytest.raises(DataError, match=message):
+        dm.setup("fit")

@@ -141,3 +141,21 @@ def test_determinism(probe, tmp_path):
     crops = torch.rand(4, 3, 32, 32)
     for name, logits in loaded(crops).items():
         assert torch.allclose(logits, first(crops)[name], atol=0.02), name
+
+
+def test_caption_only_scoring_judges_what_the_caption_states(probe):
+    """A caption names a badge only by class and size: its colour and texture score NaN and its badge
+    attributes are left out, while the renders' full ground truth scores every attribute."""
+    from metrics.shapes_probes import score_readings
+
+    badge = CONCEPTS["sun_medal"]
+    scene = Scene("gray", [ObjectSpec("badge", badge.outer_colour, 0.25, 0.5, 0.5, badge=badge)])
+    recoloured = Scene("gray", [replace(scene.objects[0], colour="green", badge=replace(badge, outer_colour="green"))])
+    images, _ = render_batch([scene])
+    readings = probe.read(images)
+    full = score_readings(readings, [recoloured])
+    assert full["colour"].tolist() == [0.0] and full["outer_colour"].tolist() == [0.0]
+    stated = score_readings(readings, [recoloured], caption_only=True)
+    assert stated["shape"].tolist() == [1.0] and stated["size"].tolist() == [1.0]
+    assert stated["colour"].isnan().all() and stated["texture"].isnan().all()
+    assert stated["outer_colour"].numel() == 0

@@ -129,3 +129,25 @@ def test_pretrain_runs_both_stages_and_exports_a_loadable_pipeline(tmp_path):
     assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in vocabulary())
     images = generate(backbone, ["a red circle on a gray background"], num_steps=4)
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+    unet_config = json.loads((tmp_path / "pipeline" / "unet" / "config.json").read_text())
+    assert "_name_or_path" not in unet_config and unet_config["block_out_channels"] == [32, 32, 64]
+
+    # continue training the exported UNet on its frozen text encoder (how shapes_b and later segments train)
+    cont = tmp_path / "continued"
+    cfg = compose_cfg("train", ["method=pretrain_b", "trainer=cpu", "logger=csv", "trainer.max_steps=2",
+                                "module.warmup=1", "data.batch_size=2", "data.num_workers=0",
+                                f"module.init_from={tmp_path / 'pipeline'}", f"module.unet_from={tmp_path / 'pipeline'}"],
+                      cont)
+    train.train(cfg)
+    continued = load_backbone(str(cont / "pipeline"))
+    assert list(continued.unet.config.block_out_channels) == [32, 32, 64]  # the exported UNet, not pretrain_b's own
+    assert torch.equal(continued.text_encoders[0].get_input_embeddings().weight,
+                       backbone.text_encoders[0].get_input_embeddings().weight)  # frozen: unchanged
+
+
+def test_pretrain_rejects_a_unet_folder_without_a_unet(tmp_path):
+    from lightning_modules.pretrain import PretrainModule
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="module.unet_from=.* has no unet/ folder"):
+        PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, unet_from=str(tmp_path))

@@ -101,6 +101,11 @@ def _contrasts(colour: str, background: str) -> bool:
     return _distance(COLOURS[colour], BACKGROUNDS[background]) >= MIN_CONTRAST
 
 
+def contrasting_backgrounds(colour: str) -> list[str]:
+    """The backgrounds an object of this colour may stand on (in BACKGROUNDS' order)."""
+    return [b for b in BACKGROUNDS if _contrasts(colour, b)]
+
+
 def vocabulary() -> list[str]:
     """Every word a caption can use (for the tokenizer)."""
     words = {"a", "on", "background", CLASS_WORD, *SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES, *SIZES}
@@ -163,8 +168,7 @@ class SceneSampler:
 def concept_scene(name: str, rng: random.Random, background: str | None = None) -> Scene:
     """A render of a held-out concept in a random pose, size and background (reference sets)."""
     badge = CONCEPTS[name]
-    backgrounds = [b for b in BACKGROUNDS if _contrasts(badge.outer_colour, b)]
-    background = background or rng.choice(backgrounds)
+    background = background or rng.choice(contrasting_backgrounds(badge.outer_colour))
     size = rng.uniform(SIZES["medium"][0], SIZES["large"][1])
     margin = size + 0.04
     obj = ObjectSpec("badge", badge.outer_colour, size, rng.uniform(margin, 1 - margin),

@@ -10,6 +10,8 @@ encoder is what gets exported, as a diffusers StableDiffusionPipeline folder.
 autoencoder (the text encoder frozen when `train_text_encoder` is false): a second UNet on the same
 text encoder (shapes_b), the stand-in for models that share CLIP (SDXL and SD1.5). `unet_from`
 names a pipeline folder whose UNet training continues from (an exported model, trained further).
+With `init_from`, `decoder_steps` > 0 first fine-tunes the autoencoder's decoder alone: the encoder
+stays frozen, so the latents, their scaling factor and every UNet trained on them stay valid.
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ class PretrainModule(L.LightningModule):
                  vae_steps: int = 3000, lr_vae: float = 4e-4, lr_unet: float = 3e-4, warmup: int = 500,
                  weight_decay: float = 0.01, uncond_p: float = 0.1, kl_weight: float = 1e-6, ema_decay: float = 0.999,
                  init_from: str | None = None, unet_from: str | None = None, train_text_encoder: bool = True,
-                 seed: int = 0):
+                 decoder_steps: int = 0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         if init_from is None and vae_steps <= 0:
             raise ConfigError("module.vae_steps must be > 0 unless module.init_from gives a trained autoencoder")
+        if decoder_steps > 0 and init_from is None:
+            raise ConfigError("module.decoder_steps fine-tunes a trained autoencoder's decoder; set module.init_from "
+                              "to a pipeline folder (from scratch, module.vae_steps trains the whole autoencoder)")
         if unet_from is not None and not (Path(unet_from) / "unet").is_dir():
             raise ConfigError(f"module.unet_from={unet_from} has no unet/ folder; give an exported pipeline")
         self.built = False
@@ -76,6 +81,9 @@ class PretrainModule(L.LightningModule):
             self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32)
             self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
             self.vae.requires_grad_(False)
+            if hp.decoder_steps > 0:
+                self.vae.decoder.requires_grad_(True)
+                self.vae.post_quant_conv.requires_grad_(True)
             if not hp.train_text_encoder:
                 self.text_encoder.requires_grad_(False)
         else:
@@ -95,14 +103,24 @@ class PretrainModule(L.LightningModule):
         self.built = True
 
     @property
+    def autoencoder_steps(self) -> int:
+        """Length of the first stage: the whole autoencoder from scratch, or its decoder (init_from)."""
+        return self.hparams.vae_steps if self.hparams.init_from is None else self.hparams.decoder_steps
+
+    @property
     def in_vae_stage(self) -> bool:
-        return self.hparams.init_from is None and self.global_step < self.hparams.vae_steps
+        return self.global_step < self.autoencoder_steps
 
     # ----- losses ----------------------------------------------------------------------------------
     def vae_loss(self, pixels: torch.Tensor) -> torch.Tensor:
-        posterior = self.vae.encode(pixels).latent_dist
+        decoder_only = self.hparams.init_from is not None
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = self.vae.encode(pixels).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
         rec = F.l1_loss(recon.float(), pixels.float())
+        if decoder_only:
+            self.log("vae/l1", rec, prog_bar=True)
+            return rec
         kl = posterior.kl().mean()
         self.log_dict({"vae/l1": rec, "vae/kl": kl}, prog_bar=True)
         return rec + self.hparams.kl_weight * kl
@@ -126,8 +144,11 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.in_vae_stage:
             return self.vae_loss(batch["pixel_values"])
-        if self.hparams.init_from is None and self.global_step == self.hparams.vae_steps:
-            self.set_latent_scale(batch["pixel_values"])
+        if self.global_step == self.autoencoder_steps > 0:
+            if self.hparams.init_from is None:
+                self.set_latent_scale(batch["pixel_values"])
+            else:
+                self.vae.requires_grad_(False)
         return self.diffusion_loss(batch["pixel_values"], batch["prompt"])
 
     @torch.no_grad()
@@ -157,11 +178,12 @@ class PretrainModule(L.LightningModule):
         vae_params = [p for p in self.vae.parameters() if p.requires_grad]
         model_params = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
         groups = [{"params": model_params, "lr": hp.lr_unet}]
-        start = 0 if hp.init_from else hp.vae_steps
+        start = self.autoencoder_steps
         lambdas = [_schedule(start, hp.warmup, hp.total_steps)]
         if vae_params:
             groups.append({"params": vae_params, "lr": hp.lr_vae})
-            lambdas.append(lambda step: min(1.0, (step + 1) / 200) if step < hp.vae_steps else 0.0)
+            stop = self.autoencoder_steps
+            lambdas.append(lambda step: min(1.0, (step + 1) / 200) if step < stop else 0.0)
         optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, betas=(0.9, 0.99))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -176,7 +198,7 @@ class PretrainModule(L.LightningModule):
         for name, state in checkpoint["ema"].items():
             self.ema[name].load_state_dict(state)
         self.vae.register_to_config(scaling_factor=checkpoint["latent_scale"])
-        if self.hparams.init_from is None and checkpoint["global_step"] > self.hparams.vae_steps:
+        if checkpoint["global_step"] > self.autoencoder_steps:
             self.vae.requires_grad_(False)
 
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:

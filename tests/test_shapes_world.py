@@ -145,9 +145,26 @@ def test_pretrain_runs_both_stages_and_exports_a_loadable_pipeline(tmp_path):
                        backbone.text_encoders[0].get_input_embeddings().weight)  # frozen: unchanged
 
 
-def test_pretrain_rejects_a_unet_folder_without_a_unet(tmp_path):
+    # sharpen the decoder alone: the encoder (so the latents), the UNet and the text encoder stay as they were
+    sharp = tmp_path / "decoder"
+    cfg = compose_cfg("train", ["method=pretrain", "trainer=cpu", "logger=csv", "trainer.max_steps=2",
+                                "module.decoder_steps=2", "data.batch_size=2", "data.num_workers=0",
+                                f"module.init_from={tmp_path / 'pipeline'}", f"module.unet_from={tmp_path / 'pipeline'}"],
+                      sharp)
+    train.train(cfg)
+    tuned = load_backbone(str(sharp / "pipeline"))
+    before, after = backbone.vae.state_dict(), tuned.vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(("decoder.", "post_quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert tuned.vae.config.scaling_factor == backbone.vae.config.scaling_factor
+    assert all(torch.equal(v, tuned.unet.state_dict()[k]) for k, v in backbone.unet.state_dict().items())
+
+
+def test_pretrain_rejects_missing_sources(tmp_path):
     from lightning_modules.pretrain import PretrainModule
     from utils.errors import ConfigError
 
     with pytest.raises(ConfigError, match="module.unet_from=.* has no unet/ folder"):
         PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, unet_from=str(tmp_path))
+    with pytest.raises(ConfigError, match="module.decoder_steps fine-tunes a trained autoencoder's decoder"):
+        PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, decoder_steps=5)

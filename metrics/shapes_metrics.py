@@ -14,6 +14,7 @@ import torch
 from torchmetrics import Metric
 
 from datamodules.shapes.world import Badge, Scene
+from metrics.base import PerImageMean
 from metrics.shapes_probes import ShapesProbe, default_probe, score_readings
 
 ATTRIBUTES = ("background", "count", "shape", "colour", "texture", "size")
@@ -129,24 +130,16 @@ class SizeSlope(_ProbeMetric):
         return out
 
 
-class MaskIoU(Metric):
+class MaskIoU(PerImageMean):
     """Mean per-image intersection over union of binary masks [B, H, W] (two empty masks: IoU 1)."""
-
-    full_state_update = False
 
     def __init__(self, threshold: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.threshold = threshold
-        self.add_state("iou_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, masks: torch.Tensor, targets: torch.Tensor) -> None:
         if masks.shape != targets.shape:
             raise ValueError(f"masks {tuple(masks.shape)} and targets {tuple(targets.shape)} differ in shape")
         a, b = (m.flatten(1) > self.threshold for m in (masks.float(), targets.float()))
         inter, union = (a & b).sum(1).double(), (a | b).sum(1).double()
-        self.iou_sum += torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).sum()
-        self.total += float(len(a))
-
-    def compute(self) -> torch.Tensor:
-        return (self.iou_sum / self.total).float()
+        self.add(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)))

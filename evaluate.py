@@ -1,11 +1,15 @@
-"""Generate with a trained artifact: `python evaluate.py artifact=<run>/learned_embeds.safetensors`.
+"""Generate with a trained artifact and score it: `python evaluate.py artifact=<run>/learned_embeds.safetensors`.
 
-Loads the backbone, adds the artifact's token, renders every prompt x seed with DDIM + CFG and
-writes one PNG per sample, a grid (rows = prompts, columns = seeds) and samples.json.
+Loads the backbone, adds the artifact, renders every prompt x seed (x swept value) with DDIM + CFG,
+scores the samples with the chosen metrics (conf/metrics/) and writes, in the run folder:
+images/*.png, grid.png (+ grid.json legend), samples.json, metrics.json and metrics.csv (one row per
+swept value). Under -m every job also adds its rows to <sweep dir>/table.csv, so several artifacts
+or settings compare side by side. devices=N splits the work over N processes (GPUs).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,54 +17,195 @@ from pathlib import Path
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from utils.config import register_resolvers  # noqa: E402
-from utils.task import task  # noqa: E402
+from utils.task import refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("evaluate")
 register_resolvers()
+ARTIFACT_FILE = "learned_embeds.safetensors"
 
 
-@task
-def evaluate(cfg: DictConfig) -> dict:
+def read_prompts(cfg: DictConfig) -> list[str]:
+    """The prompt set: cfg.prompts, or a file (.txt: one prompt per line; .json: a list)."""
+    from utils.errors import ConfigError
+
+    if not cfg.prompts_file:
+        return list(cfg.prompts or [])
+    path = Path(cfg.prompts_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"prompts_file={path} does not exist; give a .txt (one prompt per line) or a .json list")
+    if path.suffix == ".json":
+        prompts = json.loads(path.read_text())
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"prompts_file={path} must hold a JSON list of strings")
+        return prompts
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def artifact_file(path: str) -> Path:
+    """The artifact's file: the path itself, or the artifact in a run folder."""
+    from utils.errors import ArtifactError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / ARTIFACT_FILE
+    if not p.is_file():
+        raise ArtifactError(f"artifact={path} does not exist; give a run's {ARTIFACT_FILE} (or its run folder)")
+    return p
+
+
+def prepare(cfg: DictConfig):
+    """Everything a bad config can break, checked before a model is loaded or a process spawned:
+    the metric set (backbone paths), the sweep, the references, the prompts and the artifact."""
+    from datamodules.image_set import load_reference_set
+    from metrics.evaluation import GENERATION_KEYS, Sweep, available_fields, check_texts
+    from metrics.suite import MetricSuite
+    from utils.errors import ConfigError
+
+    suite = MetricSuite({k: hydra.utils.instantiate(v) for k, v in (cfg.metrics or {}).items() if v is not None})
+    sweep = Sweep.from_config(cfg.sweep)
+    if sweep.name and sweep.name not in GENERATION_KEYS:
+        raise ConfigError(f"sweep.{sweep.name} is not a sampling setting here; sweep one of "
+                          f"{', '.join(GENERATION_KEYS)}")
+    references = masks = None
+    if cfg.references:
+        references, masks = load_reference_set(cfg.references, cfg.reference_masks, resolution=cfg.model.resolution)
+    fields = available_fields(suite, references, masks, cfg.pairs, sweep)
+    suite.check(fields)
+    templates = read_prompts(cfg)
+    check_texts(suite, [" ".join(t.replace("{}", cfg.class_word).split()) for t in templates], cfg.model.name)
+    if cfg.artifact:
+        artifact_file(cfg.artifact)
+    return suite, sweep, references, masks, fields, templates
+
+
+def run(cfg: DictConfig, fabric) -> dict:
+    """One process's share: every rank renders and scores its jobs; rank 0 writes the files."""
     import torch
-    from tqdm.auto import tqdm
 
     from diffusion.backbone import load_backbone
     from diffusion.sampling import generate
     from diffusion.tokens import load_embeddings
-    from utils.errors import ConfigError
-    from utils.images import make_grid, save_png
+    from metrics.evaluation import gather_images, plan, render_jobs, sample_grid, score, shard, source_images
+    from utils.images import save_png
     from utils.io import write_json
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg.dtype or ("bfloat16" if device == "cuda" else "float32")
-    model = {k: v for k, v in cfg.model.items() if k != "dtype"}
-    backbone = load_backbone(**model, dtype=dtype).to(device)
-    token = "{}"
-    if cfg.artifact:
-        names = load_embeddings(backbone, cfg.artifact, token=cfg.token)
-        token = names[0] if len(names) == 1 else " ".join(names)
-        log.info("loaded %s from %s", ", ".join(names), cfg.artifact)
-    if not cfg.prompts or not cfg.seeds:
-        raise ConfigError("prompts and seeds must be non-empty lists")
-    prompts = [p.replace("{}", token) if cfg.artifact else p.replace("{}", "").strip() for p in cfg.prompts]
+    main = fabric.global_rank == 0
+    device = fabric.device
+    suite, sweep, references, masks, fields, templates = prepare(cfg)
+    artifact = artifact_file(cfg.artifact) if cfg.artifact else None
+    dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    backbone = load_backbone(**{k: v for k, v in cfg.model.items() if k != "dtype"}, dtype=dtype).to(device)
+    token = None
+    if artifact is not None:
+        token = " ".join(load_embeddings(backbone, artifact, token=cfg.token))
+        log.info("loaded %s from %s", token, artifact)
+    prompts = [" ".join(t.replace("{}", token or cfg.class_word).split()) for t in templates]
+    texts = [" ".join(t.replace("{}", cfg.class_word).split()) for t in templates]
+    generation = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
+                  "negative_prompt": cfg.negative_prompt}
+
+    def render(batch_prompts: list[str], seeds: list[int], setting: dict) -> torch.Tensor:
+        return generate(backbone, batch_prompts, seed=seeds, **{**generation, **setting})
+
+    jobs = plan(prompts, texts, cfg.seeds, sweep)
+    mine = shard(jobs, fabric.global_rank, fabric.world_size)
+    images = render_jobs(mine, render, sweep, cfg.batch_size, progress=main)
+    sources = source_images(mine, images, cfg.pairs, render, sweep, cfg.batch_size, progress=main)
+    suite.to(device)
+    rows = score(mine, images, suite, sweep, fields, sources=sources,
+                 references=None if references is None else references.to(device),
+                 reference_masks=None if masks is None else masks.to(device), batch_size=cfg.batch_size, device=device)
+    images = gather_images(images)
+    if not main:
+        return {}
+
     out = Path(cfg.paths.output_dir)
-    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in cfg.seeds]
-    images, records = [], []
-    for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="generating"):
-        chunk = jobs[start:start + cfg.batch_size]
-        batch = generate(backbone, [p for _, p, _ in chunk], seed=[s for _, _, s in chunk], num_steps=cfg.num_steps,
-                         guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt)
-        for (i, prompt, seed), image in zip(chunk, batch):
-            path = save_png(image, out / "images" / f"p{i:02d}_s{seed}.png")
-            images.append(image.cpu())
-            records.append({"prompt": prompt, "seed": seed, "file": str(path.relative_to(out))})
-    save_png(make_grid(torch.stack(images), rows=len(prompts)), out / "grid.png")
+    records = []
+    for job in sorted(images, key=lambda j: (j.prompt_index, j.seed, j.value_index)):
+        suffix = f"_v{job.value_index}" if sweep.name else ""
+        path = save_png(images[job].float() / 255, out / "images" / f"p{job.prompt_index:02d}_s{job.seed}{suffix}.png")
+        records.append({"prompt": job.prompt, "text": job.text, "seed": job.seed,
+                        **({sweep.name: job.value} if sweep.name else {}), "file": str(path.relative_to(out))})
+    grid, legend = sample_grid(images, sweep)
+    save_png(grid, out / "grid.png")
+    write_json(out / "grid.json", legend)
     write_json(out / "samples.json", {"artifact": cfg.artifact, "model": cfg.model.name, "samples": records})
-    log.info("wrote %d samples and grid.png to %s", len(records), out)
-    return {"samples": len(records)}
+    summary = {"artifact": cfg.artifact, "model": cfg.model.name, "metrics": sorted(suite.metrics),
+               "samples": len(records), "world_size": fabric.world_size, "rows": rows}
+    write_json(out / "metrics.json", summary)
+    write_table(out / "metrics.csv", rows)
+    add_to_sweep_table(cfg, rows)
+    for row in rows:
+        log.info("%s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    log.info("wrote %d samples, grid.png and metrics.csv to %s", len(records), out)
+    return summary
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    """Rows as CSV (columns: the union of the rows' keys, in first-seen order), written atomically."""
+    import csv
+    import io
+
+    from utils.io import atomic_path
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(buffer.getvalue())
+
+
+def add_to_sweep_table(cfg: DictConfig, rows: list[dict]) -> None:
+    """Under -m, add this job's rows (tagged with its overrides) to <sweep dir>/table.csv and table.json."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from utils.io import write_json
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hc = HydraConfig.get()
+    table_json = Path(hc.sweep.dir) / "table.json"
+    table = json.loads(table_json.read_text()) if table_json.is_file() else []
+    job = {"job": hc.job.num, "overrides": hc.job.override_dirname}
+    table.extend({**job, **row} for row in rows)
+    write_json(table_json, table)
+    write_table(table_json.with_suffix(".csv"), table)
+
+
+def _spawned(fabric, cfg_dict: dict) -> dict:
+    """The body of a spawned process (devices > 1): Hydra's logging is not set up there."""
+    logging.basicConfig(level=logging.INFO if fabric.global_rank == 0 else logging.WARNING,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    return run(OmegaConf.create(cfg_dict), fabric)
+
+
+@task
+def evaluate(cfg: DictConfig) -> dict:
+    import lightning as L
+    import torch
+
+    from utils.errors import ConfigError
+
+    accelerator = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    refuse_to_overwrite(cfg.paths.output_dir, resuming=False, artifacts=("metrics.json", "grid.png"))
+    if int(cfg.devices) < 1:
+        raise ConfigError(f"devices={cfg.devices}; give the number of processes (GPUs) to split the work over")
+    if int(cfg.devices) == 1:
+        fabric = L.Fabric(accelerator=accelerator, devices=1)
+        return run(cfg, fabric)
+    # spawned workers (not a re-launched script), so -m sweeps stay one job per folder
+    prepare(cfg)  # config errors are one line here, not a traceback from a worker
+    fabric = L.Fabric(accelerator=accelerator, devices=int(cfg.devices), strategy="ddp_spawn")
+    summary = fabric.launch(_spawned, OmegaConf.to_container(cfg, resolve=True))
+    if summary:  # the sweep table is written here, where Hydra's state is known
+        add_to_sweep_table(cfg, summary["rows"])
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -122,6 +122,18 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def load_reference_set(images_dir, masks_dir=None, resolution: int = 512, key: str = "references"
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A concept's reference images [R, 3, r, r] in [0, 1] (short side resized, centre-cropped) and their
+    masks [R, 1, r, r] (1 = object) when a masks folder is given: what CLIP-I and DINO compare with."""
+    records = scan_image_set(images_dir, masks_dir, key=key)
+    images = torch.stack([to_tensor(_square(_open_rgb(r.image), resolution, Image.BICUBIC)) for r in records])
+    if masks_dir is None:
+        return (images + 1) / 2, None
+    masks = torch.stack([to_tensor(_square(_open_rgb(r.mask), resolution, Image.NEAREST))[:1] for r in records])
+    return (images + 1) / 2, (masks > 0).float()
+
+
 class ImageSet:
     """Decoded, resized images (and masks, pairs) held in memory; items are drawn by index."""
 

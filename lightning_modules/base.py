@@ -9,16 +9,18 @@ and the loop state, so resuming is exact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone, check_backbone_path, dtype_for_precision, load_backbone, resolve_dtype
-from utils.errors import ArtifactError
+from diffusion.sampling import generate
+from utils.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,31 @@ class DiffusionModule(L.LightningModule):
         if missing:
             raise ArtifactError(f"checkpoint lacks trained weights {missing[:3]}; it was written by another "
                                 f"method or config: resume with the same method, model and token settings")
+
+    # ----- sampling (the callbacks' interface) ----------------------------------------------------
+    def sampling_prompt(self, template: str, class_word: str) -> str:
+        """The prompt the model reads for a template whose '{}' stands for what the method learns (a
+        method that learns no token reads the class word there)."""
+        return " ".join(template.replace("{}", class_word).split())
+
+    @contextlib.contextmanager
+    def sampling_setting(self, **setting) -> Iterator[None]:
+        """Apply a sampling-time setting of what is trained (a slider's strength, LAG on/off)."""
+        if setting:
+            raise ConfigError(f"{type(self).__name__} has no sampling setting {sorted(setting)}; sweep a generation "
+                              f"setting (num_steps, guidance_scale, negative_prompt) instead")
+        yield
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: Sequence[int], setting: dict | None = None, num_steps: int = 25,
+               guidance_scale: float = 7.5, negative_prompt: str = "") -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] of already-filled prompts, one seed each, under a setting that may
+        mix generation keys (num_steps, guidance_scale, negative_prompt) with the method's own."""
+        setting = dict(setting or {})
+        generation = {"num_steps": num_steps, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
+        generation.update({k: setting.pop(k) for k in list(setting) if k in generation})
+        with self.sampling_setting(**setting):
+            return generate(self.backbone, prompts, seed=list(seeds), **generation)
 
     # ----- artifacts -------------------------------------------------------------------------------
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:

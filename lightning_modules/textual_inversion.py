@@ -55,6 +55,9 @@ class TextualInversionModule(DiffusionModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
+    def sampling_prompt(self, template: str, class_word: str) -> str:
+        return self.tokens.expand(template.replace("{}", self.tokens.token))
+
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:
         out = Path(out_dir)
         meta = {"method": "textual_inversion", "backbone": str(self.backbone_config.get("path")),

@@ -448,6 +448,7 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene],
     missing) and "expected_area" (`expected_area`). Per badge object: "outer", "outer_colour", "inner",
     "inner_colour" (wrong unless the object reads as a badge).
 
+    An attribute a parsed caption leaves unstated (None, see `parse_caption`) scores NaN.
     caption_only: judge a generated image by what its caption states. A caption names a badge only by
     its class word and size, so a badge's colour and texture score NaN and its badge attributes are left
     out (use nanmean); the renders' full ground truth is for judging the probes themselves.
@@ -461,11 +462,13 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene],
             got = reading.objects[j] if j is not None else None
             unstated = caption_only and spec.badge is not None
             for name in ("shape", "colour", "texture"):
-                right = got is not None and getattr(got, name) == getattr(spec, name)
-                out[name].append(math.nan if unstated and name != "shape" else right)
-            out["size"].append(got is not None and got.size_word == spec.size_word)
+                wanted = getattr(spec, name)
+                right = got is not None and getattr(got, name) == wanted
+                out[name].append(math.nan if (unstated and name != "shape") or wanted is None else right)
+            out["size"].append(math.nan if spec.size is None else got is not None and got.size_word == spec.size_word)
             out["area"].append(got.area if got is not None else 0.0)
-            out["expected_area"].append(expected_area(spec))
+            known = spec.size is not None and (spec.badge is not None or spec.shape != "badge")
+            out["expected_area"].append(expected_area(spec) if known else math.nan)
             if spec.badge is not None and not unstated:
                 for name in BADGE_HEADS:
                     read = got.badge if got is not None else None

@@ -73,6 +73,7 @@ def test_train_rejects_a_model_folder_without_unet(tiny_dir, image_folder, tmp_p
 
 
 def test_evaluate_rejects_a_missing_artifact(tiny_dir, tmp_path, capsys):
-    line = run_entry("evaluate", ["model=tiny", f"model.path={tiny_dir}", f"artifact={tmp_path / 'nope.safetensors'}"],
+    line = run_entry("evaluate", ["model=tiny", f"model.path={tiny_dir}", "metrics=none",
+                                  f"artifact={tmp_path / 'nope.safetensors'}"],
                      tmp_path, capsys)
     assert "nope.safetensors does not exist" in line

@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
+from utils.errors import DataError
+
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "heart", "diamond", "cross")
 COLOURS = {
     "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 215, 40), "green": (40, 160, 60),
@@ -54,16 +56,18 @@ CONCEPTS = {
 @dataclass
 class ObjectSpec:
     shape: str                 # one of SHAPES, or "badge"
-    colour: str                # main colour (a badge's outer colour)
-    size: float                # radius / image side
+    colour: str | None         # main colour (a badge's outer colour); None: not stated (parsed captions)
+    size: float | None         # radius / image side; None: not stated (parsed captions)
     x: float                   # centre, as a fraction of the width (0 = left)
     y: float                   # centre, as a fraction of the height (0 = top)
-    texture: str = "plain"
+    texture: str | None = "plain"  # None: not stated (parsed captions)
     angle: float = 0.0         # degrees
     badge: Badge | None = None
 
     @property
-    def size_word(self) -> str:
+    def size_word(self) -> str | None:
+        if self.size is None:
+            return None
         for word, (lo, hi) in SIZES.items():
             if lo - 1e-6 <= self.size <= hi + 1e-6:
                 return word
@@ -175,3 +179,40 @@ def concept_scene(name: str, rng: random.Random, background: str | None = None) 
                      rng.uniform(margin, 1 - margin), "plain", rng.uniform(-15, 15), badge)
     return Scene(background, [obj])
 
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a caption of this world states, for judging a generated image by its prompt.
+
+    Unstated attributes are None (a bare "badge" has no colour; "a circle" no size), so caption-only
+    scoring leaves them out. Objects are placed on the relation's sides, which is all `match_objects`
+    reads. A caption outside the world's grammar is a DataError naming it.
+    """
+    words = caption.lower().replace(",", " ").split()
+    text = " ".join(words)
+    if not text.endswith(" background") or " on a " not in text:
+        raise DataError(f"{caption!r} is not a shapes-world caption (want 'a <object> [<relation> a <object>] on "
+                        f"a <colour> background')")
+    body, background = text[:-len(" background")].rsplit(" on a ", 1)
+    relation = next((r for r in RELATIONS if f" {r} a " in body), None)
+    phrases = body.split(f" {relation} a ") if relation else [body]
+    objects = []
+    for phrase in phrases:
+        tokens = phrase.split()
+        if tokens and tokens[0] == "a":
+            tokens = tokens[1:]
+        size = next((t for t in tokens if t in SIZES), None)
+        colour = next((t for t in tokens if t in COLOURS), None)
+        texture = next((t for t in tokens if t in TEXTURES), None)
+        shape = tokens[-1] if tokens else ""
+        known = {size, colour, texture, shape}
+        if background not in BACKGROUNDS or shape not in (*SHAPES, CLASS_WORD) or any(t not in known for t in tokens):
+            raise DataError(f"{caption!r} is not a shapes-world caption: cannot read {' '.join(tokens)!r} on "
+                            f"a {background!r} background")
+        objects.append(ObjectSpec(shape, colour, sum(SIZES[size]) / 2 if size else None, 0.5, 0.5,
+                                  texture or ("plain" if shape != CLASS_WORD else None)))
+    if relation:  # the first object on the relation's side, as the sampler places them
+        dx, dy = RELATIONS[relation]
+        for obj, side in zip(objects, (1, -1)):
+            along = 0.5 + side * (dx or dy) * 0.25
+            obj.x, obj.y = (along, 0.5) if dx else (0.5, along)
+    return Scene(background, objects, relation)

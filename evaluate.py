@@ -60,6 +60,7 @@ def prepare(cfg: DictConfig):
     """Everything a bad config can break, checked before a model is loaded or a process spawned:
     the metric set (backbone paths), the sweep, the references, the prompts and the artifact."""
     from datamodules.image_set import load_reference_set
+    from datamodules.prompts import fill_template
     from metrics.evaluation import GENERATION_KEYS, Sweep, available_fields, check_texts
     from metrics.suite import MetricSuite
     from utils.errors import ConfigError
@@ -75,16 +76,18 @@ def prepare(cfg: DictConfig):
     fields = available_fields(suite, references, masks, cfg.pairs, sweep)
     suite.check(fields)
     templates = read_prompts(cfg)
-    check_texts(suite, [" ".join(t.replace("{}", cfg.class_word).split()) for t in templates], cfg.model.name)
+    texts = [fill_template(t, cfg.class_word) for t in templates]  # what CLIP-T and the probes read
+    check_texts(suite, texts, cfg.model.name)
     if cfg.artifact:
         artifact_file(cfg.artifact)
-    return suite, sweep, references, masks, fields, templates
+    return suite, sweep, references, masks, fields, templates, texts
 
 
 def run(cfg: DictConfig, fabric) -> dict:
     """One process's share: every rank renders and scores its jobs; rank 0 writes the files."""
     import torch
 
+    from datamodules.prompts import fill_template
     from diffusion.backbone import load_backbone
     from diffusion.sampling import generate
     from diffusion.tokens import load_embeddings
@@ -94,7 +97,7 @@ def run(cfg: DictConfig, fabric) -> dict:
 
     main = fabric.global_rank == 0
     device = fabric.device
-    suite, sweep, references, masks, fields, templates = prepare(cfg)
+    suite, sweep, references, masks, fields, templates, texts = prepare(cfg)
     artifact = artifact_file(cfg.artifact) if cfg.artifact else None
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     backbone = load_backbone(**{k: v for k, v in cfg.model.items() if k != "dtype"}, dtype=dtype).to(device)
@@ -102,8 +105,7 @@ def run(cfg: DictConfig, fabric) -> dict:
     if artifact is not None:
         token = " ".join(load_embeddings(backbone, artifact, token=cfg.token))
         log.info("loaded %s from %s", token, artifact)
-    prompts = [" ".join(t.replace("{}", token or cfg.class_word).split()) for t in templates]
-    texts = [" ".join(t.replace("{}", cfg.class_word).split()) for t in templates]
+    prompts = [fill_template(t, token or cfg.class_word) for t in templates]
     generation = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
                   "negative_prompt": cfg.negative_prompt}
 

@@ -7,6 +7,7 @@ Both render a prompt set x seeds x an optional swept setting through the module'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -19,6 +20,7 @@ from metrics.evaluation import (Job, Sweep, available_fields, check_texts, gathe
                                 sample_grid, score, shard, source_images)
 from metrics.suite import MetricSuite
 from datamodules.image_set import load_reference_set, scan_image_set
+from datamodules.prompts import fill_template
 from utils.errors import ConfigError
 from utils.images import save_png
 from utils.io import write_json
@@ -33,6 +35,7 @@ class SamplingCallback(L.Callback):
                  batch_size: int = 8):
         self.dirpath = Path(dirpath)
         self.templates, self.seeds = list(prompts), [int(s) for s in seeds]
+        self.texts = [fill_template(t, class_word) for t in self.templates]  # what CLIP-T and the probes read
         self.sweep = Sweep.from_config(sweep)
         self.class_word = class_word
         self.every_n_steps, self.at_end = every_n_steps, at_end
@@ -41,8 +44,7 @@ class SamplingCallback(L.Callback):
 
     def jobs(self, pl_module) -> list[Job]:
         prompts = [pl_module.sampling_prompt(t, self.class_word) for t in self.templates]
-        texts = [" ".join(t.replace("{}", self.class_word).split()) for t in self.templates]
-        return plan(prompts, texts, self.seeds, self.sweep)
+        return plan(prompts, self.texts, self.seeds, self.sweep)
 
     def render_fn(self, trainer, pl_module):
         def render(prompts: list[str], seeds: list[int], setting: dict) -> torch.Tensor:
@@ -51,19 +53,25 @@ class SamplingCallback(L.Callback):
         return render
 
     def render_share(self, trainer, pl_module) -> tuple[list[Job], dict[Job, torch.Tensor]]:
-        """This rank's jobs and their images."""
+        """This rank's jobs and their images (call inside `evaluating`)."""
         mine = shard(self.jobs(pl_module), trainer.global_rank, trainer.world_size)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            images = render_jobs(mine, self.render_fn(trainer, pl_module), self.sweep, self.batch_size,
-                                 progress=trainer.is_global_zero, desc=f"{type(self).__name__} samples")
-        finally:
-            pl_module.train(was_training)
+        images = render_jobs(mine, self.render_fn(trainer, pl_module), self.sweep, self.batch_size,
+                             progress=trainer.is_global_zero, desc=f"{type(self).__name__} samples")
         return mine, images
 
     def run(self, trainer, pl_module) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    @contextlib.contextmanager
+    def evaluating(pl_module):
+        """The module in eval mode while sampling, back in its own mode afterwards."""
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            yield
+        finally:
+            pl_module.train(was_training)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -85,7 +93,8 @@ class SampleGrid(SamplingCallback):
     """Saves <dirpath>/samples/step_NNNNNN.png (+ .json legend) and logs it to wandb / TensorBoard."""
 
     def run(self, trainer, pl_module) -> None:
-        _, images = self.render_share(trainer, pl_module)
+        with self.evaluating(pl_module):
+            _, images = self.render_share(trainer, pl_module)
         images = gather_images(images)
         if not trainer.is_global_zero:
             return
@@ -125,8 +134,7 @@ class Evaluation(SamplingCallback):
         present = torch.zeros(1) if references else None
         self.fields = available_fields(self.suite, present, present if masks else None, self.pairs, self.sweep)
         self.suite.check(self.fields)  # a metric nothing feeds is refused before training starts
-        check_texts(self.suite, [" ".join(t.replace("{}", self.class_word).split()) for t in self.templates],
-                    str(getattr(pl_module, "backbone_config", {}).get("name")))
+        check_texts(self.suite, self.texts, str(getattr(pl_module, "backbone_config", {}).get("name")))
 
     def load_references(self, resolution: int) -> None:
         if self.reference_dirs[0] and self.references is None:
@@ -136,14 +144,10 @@ class Evaluation(SamplingCallback):
         device = pl_module.device
         self.suite.to(device)
         self.load_references(pl_module.backbone.resolution)
-        mine, images = self.render_share(trainer, pl_module)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with self.evaluating(pl_module):
+            mine, images = self.render_share(trainer, pl_module)
             sources = source_images(mine, images, self.pairs, self.render_fn(trainer, pl_module), self.sweep,
                                     self.batch_size, progress=trainer.is_global_zero)
-        finally:
-            pl_module.train(was_training)
         rows = score(mine, images, self.suite, self.sweep, self.fields, sources=sources,
                      references=_to(self.references, device), reference_masks=_to(self.reference_masks, device),
                      batch_size=self.batch_size, device=device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -122,16 +121,24 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """[3, r, r] in [-1, 1]: short side resized (bicubic), centre-cropped."""
+    return to_tensor(_square(_open_rgb(path), resolution, Image.BICUBIC))
+
+
+def load_mask(path: Path, resolution: int) -> torch.Tensor:
+    """[1, r, r] of 0/1 (1 = object): resized like its image (nearest), thresholded at mid-grey."""
+    return (to_tensor(_square(_open_rgb(path), resolution, Image.NEAREST))[:1] > 0).float()
+
+
 def load_reference_set(images_dir, masks_dir=None, resolution: int = 512, key: str = "references"
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A concept's reference images [R, 3, r, r] in [0, 1] (short side resized, centre-cropped) and their
     masks [R, 1, r, r] (1 = object) when a masks folder is given: what CLIP-I and DINO compare with."""
     records = scan_image_set(images_dir, masks_dir, key=key)
-    images = torch.stack([to_tensor(_square(_open_rgb(r.image), resolution, Image.BICUBIC)) for r in records])
-    if masks_dir is None:
-        return (images + 1) / 2, None
-    masks = torch.stack([to_tensor(_square(_open_rgb(r.mask), resolution, Image.NEAREST))[:1] for r in records])
-    return (images + 1) / 2, (masks > 0).float()
+    images = (torch.stack([load_image(r.image, resolution) for r in records]) + 1) / 2
+    masks = torch.stack([load_mask(r.mask, resolution) for r in records]) if masks_dir is not None else None
+    return images, masks
 
 
 class ImageSet:
@@ -144,11 +151,9 @@ class ImageSet:
         self.captions = captions  # per-image templates; when given they replace `templates`
         self.token = token
         self.flip_p, self.seed = flip_p, seed
-        self.images = [to_tensor(_square(_open_rgb(r.image), resolution, Image.BICUBIC)) for r in records]
-        self.masks = [None if r.mask is None else
-                      (to_tensor(_square(_open_rgb(r.mask), resolution, Image.NEAREST))[:1] > 0).float()
-                      for r in records]
-        self.pairs = [[to_tensor(_square(_open_rgb(p), resolution, Image.BICUBIC)) for p in r.pairs] for r in records]
+        self.images = [load_image(r.image, resolution) for r in records]
+        self.masks = [None if r.mask is None else load_mask(r.mask, resolution) for r in records]
+        self.pairs = [[load_image(p, resolution) for p in r.pairs] for r in records]
 
     def __len__(self) -> int:
         return len(self.records)

@@ -29,6 +29,11 @@ STYLE_TEMPLATES = (
 NAMED = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
+def fill_template(template: str, word: str) -> str:
+    """A template's '{}' replaced by a word (a token, a class word, or nothing), spaces collapsed."""
+    return " ".join(template.replace("{}", word).split())
+
+
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     """A named template set ('object', 'style') or an explicit list, each with one '{}'.
 

@@ -19,6 +19,7 @@ import torch
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone, check_backbone_path, dtype_for_precision, load_backbone, resolve_dtype
+from datamodules.prompts import fill_template
 from diffusion.sampling import generate
 from utils.errors import ArtifactError, ConfigError
 
@@ -105,7 +106,7 @@ class DiffusionModule(L.LightningModule):
     def sampling_prompt(self, template: str, class_word: str) -> str:
         """The prompt the model reads for a template whose '{}' stands for what the method learns (a
         method that learns no token reads the class word there)."""
-        return " ".join(template.replace("{}", class_word).split())
+        return fill_template(template, class_word)
 
     @contextlib.contextmanager
     def sampling_setting(self, **setting) -> Iterator[None]:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from datamodules.prompts import fill_template
 from diffusion.backbone import Backbone
 from diffusion.tokens import PlaceholderTokens
 from lightning_modules.base import DiffusionModule
@@ -56,7 +57,7 @@ class TextualInversionModule(DiffusionModule):
         return loss
 
     def sampling_prompt(self, template: str, class_word: str) -> str:
-        return self.tokens.expand(template.replace("{}", self.tokens.token))
+        return self.tokens.expand(fill_template(template, self.tokens.token))
 
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:
         out = Path(out_dir)

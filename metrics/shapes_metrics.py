@@ -77,7 +77,8 @@ class ConceptIdentity(_ProbeMetric):
         self.total += float(len(pixels))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {"identity": (self.similarity / self.total).float(), "identity_match": (self.matches / self.total).float()}
+        return {"identity": (self.similarity / self.total).float(),
+                "identity_match": (self.matches / self.total).float()}
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,17 @@ def test_clip_text_score_clips_negative_cosines_at_zero(dirs):
     assert bool((scores >= 0).all() and (flipped >= 0).all())
 
 
+def assert_paired_known_answers(paired, x: torch.Tensor, refs: torch.Tensor) -> None:
+    """A paired similarity: 1 for identical images, lower for inverted or shifted ones, and one reference
+    per image required."""
+    same = paired.scores(x, x)
+    assert torch.allclose(same, torch.ones(len(x)), atol=1e-5, rtol=0)
+    assert bool((paired.scores(x, 1 - x) < same - 1e-3).all())
+    assert bool((paired.scores(x, torch.roll(x, 8, dims=-1)) < same - 1e-3).all())
+    with pytest.raises(ValueError, match="one reference per image"):
+        paired.update(x, refs)
+
+
 def test_clip_image_similarity_matches_transformers_and_known_answers(dirs):
     x, refs = images(3), images(5, size=(48, 40), seed=1)
     a, b = clip_by_hand(dirs["clip"], x, references=refs)
@@ -141,13 +152,7 @@ def test_clip_image_similarity_matches_transformers_and_known_answers(dirs):
     metric.update(x[1:], refs)
     assert metric.compute().item() == pytest.approx((a @ b.T).mean().item(), abs=1e-5)
 
-    paired = CLIPImageSimilarity(dirs["clip"], paired=True)
-    same = paired.scores(x, x)
-    assert torch.allclose(same, torch.ones(3), atol=1e-5, rtol=0)
-    assert bool((paired.scores(x, 1 - x) < same - 1e-3).all())
-    assert bool((paired.scores(x, torch.roll(x, 8, dims=-1)) < same - 1e-3).all())
-    with pytest.raises(ValueError, match="one reference per image"):
-        paired.update(x, refs)
+    assert_paired_known_answers(CLIPImageSimilarity(dirs["clip"], paired=True), x, refs)
 
 
 # ----- DINO ------------------------------------------------------------------------------------------
@@ -161,13 +166,7 @@ def test_dino_similarity_matches_transformers_and_known_answers(dirs):
     metric.update(x, refs)
     assert metric.compute().item() == pytest.approx((a @ b.T).mean().item(), abs=1e-5)
 
-    paired = DINOSimilarity(dirs["vit"], paired=True)
-    same = paired.scores(x, x)
-    assert torch.allclose(same, torch.ones(3), atol=1e-5, rtol=0)
-    assert bool((paired.scores(x, 1 - x) < same - 1e-3).all())
-    assert bool((paired.scores(x, torch.roll(x, 8, dims=-1)) < same - 1e-3).all())
-    with pytest.raises(ValueError, match="one reference per image"):
-        paired.update(x, refs)
+    assert_paired_known_answers(DINOSimilarity(dirs["vit"], paired=True), x, refs)
 
 
 def test_dino_masks_black_out_the_background(dirs):

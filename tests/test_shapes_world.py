@@ -133,26 +133,21 @@ def test_pretrain_runs_both_stages_and_exports_a_loadable_pipeline(tmp_path):
     assert "_name_or_path" not in unet_config and unet_config["block_out_channels"] == [32, 32, 64]
 
     # continue training the exported UNet on its frozen text encoder (how shapes_b and later segments train)
-    cont = tmp_path / "continued"
-    cfg = compose_cfg("train", ["method=pretrain_b", "trainer=cpu", "logger=csv", "trainer.max_steps=2",
-                                "module.warmup=1", "data.batch_size=2", "data.num_workers=0",
-                                f"module.init_from={tmp_path / 'pipeline'}", f"module.unet_from={tmp_path / 'pipeline'}"],
-                      cont)
-    train.train(cfg)
-    continued = load_backbone(str(cont / "pipeline"))
+    def continue_from_export(method: str, out, *overrides: str):
+        """Two more training steps starting from the exported pipeline (its UNet too); the new export."""
+        pipeline = tmp_path / "pipeline"
+        train.train(compose_cfg("train", [f"method={method}", "trainer=cpu", "logger=csv", "trainer.max_steps=2",
+                                          "data.batch_size=2", "data.num_workers=0", f"module.init_from={pipeline}",
+                                          f"module.unet_from={pipeline}", *overrides], out))
+        return load_backbone(str(out / "pipeline"))
+
+    continued = continue_from_export("pretrain_b", tmp_path / "continued", "module.warmup=1")
     assert list(continued.unet.config.block_out_channels) == [32, 32, 64]  # the exported UNet, not pretrain_b's own
     assert torch.equal(continued.text_encoders[0].get_input_embeddings().weight,
                        backbone.text_encoders[0].get_input_embeddings().weight)  # frozen: unchanged
 
-
     # sharpen the decoder alone: the encoder (so the latents), the UNet and the text encoder stay as they were
-    sharp = tmp_path / "decoder"
-    cfg = compose_cfg("train", ["method=pretrain", "trainer=cpu", "logger=csv", "trainer.max_steps=2",
-                                "module.decoder_steps=2", "data.batch_size=2", "data.num_workers=0",
-                                f"module.init_from={tmp_path / 'pipeline'}", f"module.unet_from={tmp_path / 'pipeline'}"],
-                      sharp)
-    train.train(cfg)
-    tuned = load_backbone(str(sharp / "pipeline"))
+    tuned = continue_from_export("pretrain", tmp_path / "decoder", "module.decoder_steps=2")
     before, after = backbone.vae.state_dict(), tuned.vae.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(("decoder.", "post_quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))

@@ -1,10 +1,14 @@
 """Generate with a trained artifact and score it: `python evaluate.py artifact=<run>/learned_embeds.safetensors`.
 
-Loads the backbone, adds the artifact, renders every prompt x seed (x swept value) with DDIM + CFG,
+Loads the backbone, adds the artifact(s), renders every prompt x seed (x swept value) with DDIM + CFG,
 scores the samples with the chosen metrics (conf/metrics/) and writes, in the run folder:
 images/*.png, grid.png (+ grid.json legend), samples.json, metrics.json and metrics.csv (one row per
 swept value). Under -m every job also adds its rows to <sweep dir>/table.csv, so several artifacts
 or settings compare side by side. devices=N splits the work over N processes (GPUs).
+
+Slider artifacts (prompt_slider / concept_slider runs, marked by their slider.json) are appended to
+every prompt instead of filling '{}'; `strength` sets their strength (one number, or one per
+artifact to compose several), and `sweep={strength: [...]}` sweeps it.
 """
 
 from __future__ import annotations
@@ -44,16 +48,31 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
-def artifact_file(path: str) -> Path:
-    """The artifact's file: the path itself, or the artifact in a run folder."""
-    from utils.errors import ArtifactError
+def artifact_files(artifact) -> list[tuple[Path, dict | None]]:
+    """Each artifact's file (the path itself, or the artifact in a run folder) and its slider.json (None for
+    a textual-inversion artifact). At most one may be a textual inversion ('{}' takes its token)."""
+    from diffusion.sliders import read_slider_info
+    from utils.errors import ArtifactError, ConfigError
 
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / ARTIFACT_FILE
-    if not p.is_file():
-        raise ArtifactError(f"artifact={path} does not exist; give a run's {ARTIFACT_FILE} (or its run folder)")
-    return p
+    paths = [] if not artifact else [artifact] if isinstance(artifact, str) else list(artifact)
+    out = []
+    for path in paths:
+        p = Path(str(path)).expanduser()
+        info = read_slider_info(p) if p.exists() else None
+        if p.is_dir():
+            p = p / (info["file"] if info else ARTIFACT_FILE)
+        if not p.is_file():
+            raise ArtifactError(f"artifact={path} does not exist; give a run's {ARTIFACT_FILE} (or its run folder)")
+        out.append((p, info))
+    if sum(info is None for _, info in out) > 1:
+        raise ConfigError("several textual-inversion artifacts share one '{}'; give at most one (sliders may be many)")
+    return out
+
+
+def slider_strength(cfg: DictConfig, setting: dict):
+    """The sliders' strength for a render: the swept value, else cfg.strength (a number or one per slider)."""
+    value = setting.get("strength", cfg.strength)
+    return list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else value
 
 
 def prepare(cfg: DictConfig):
@@ -67,9 +86,17 @@ def prepare(cfg: DictConfig):
 
     suite = MetricSuite({k: hydra.utils.instantiate(v) for k, v in (cfg.metrics or {}).items() if v is not None})
     sweep = Sweep.from_config(cfg.sweep)
-    if sweep.name and sweep.name not in GENERATION_KEYS:
-        raise ConfigError(f"sweep.{sweep.name} is not a sampling setting here; sweep one of "
-                          f"{', '.join(GENERATION_KEYS)}")
+    artifacts = artifact_files(cfg.artifact)
+    settings = GENERATION_KEYS + (("strength",) if any(info for _, info in artifacts) else ())
+    if sweep.name and sweep.name not in settings:
+        raise ConfigError(f"sweep.{sweep.name} is not a sampling setting here; sweep one of {', '.join(settings)}"
+                          f"{'' if 'strength' in settings else ' (strength needs a slider artifact)'}")
+    sliders = sum(info is not None for _, info in artifacts)
+    strength = cfg.strength
+    if strength is not None and not sliders:
+        raise ConfigError("strength is set but no artifact is a slider; give a prompt_slider or concept_slider run")
+    if OmegaConf.is_list(strength) and len(strength) != sliders:
+        raise ConfigError(f"strength has {len(strength)} values for {sliders} sliders; give one per slider artifact")
     references = masks = None
     if cfg.references:
         references, masks = load_reference_set(cfg.references, cfg.reference_masks, resolution=cfg.model.resolution)
@@ -78,9 +105,7 @@ def prepare(cfg: DictConfig):
     templates = read_prompts(cfg)
     texts = [fill_template(t, cfg.class_word) for t in templates]  # what CLIP-T and the probes read
     check_texts(suite, texts, cfg.model.name)
-    if cfg.artifact:
-        artifact_file(cfg.artifact)
-    return suite, sweep, references, masks, fields, templates, texts
+    return suite, sweep, references, masks, fields, templates, texts, artifacts
 
 
 def run(cfg: DictConfig, fabric) -> dict:
@@ -90,6 +115,7 @@ def run(cfg: DictConfig, fabric) -> dict:
     from datamodules.prompts import fill_template
     from diffusion.backbone import load_backbone
     from diffusion.sampling import generate
+    from diffusion.sliders import SliderSet, load_slider
     from diffusion.tokens import load_embeddings
     from metrics.evaluation import gather_images, plan, render_jobs, sample_grid, score, shard, source_images
     from utils.images import save_png
@@ -97,20 +123,27 @@ def run(cfg: DictConfig, fabric) -> dict:
 
     main = fabric.global_rank == 0
     device = fabric.device
-    suite, sweep, references, masks, fields, templates, texts = prepare(cfg)
-    artifact = artifact_file(cfg.artifact) if cfg.artifact else None
+    suite, sweep, references, masks, fields, templates, texts, artifacts = prepare(cfg)
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     backbone = load_backbone(**{k: v for k, v in cfg.model.items() if k != "dtype"}, dtype=dtype).to(device)
-    token = None
-    if artifact is not None:
-        token = " ".join(load_embeddings(backbone, artifact, token=cfg.token))
-        log.info("loaded %s from %s", token, artifact)
-    prompts = [fill_template(t, token or cfg.class_word) for t in templates]
+    token, sliders = None, SliderSet()
+    for path, info in artifacts:
+        if info is None:
+            token = " ".join(load_embeddings(backbone, path, token=cfg.token))
+            log.info("loaded %s from %s", token, path)
+        else:
+            sliders.sliders.append(load_slider(backbone, path))
+            log.info("loaded %s slider %s from %s", info["method"], info.get("slider", ""), path)
+    prompts = [sliders.prompt(fill_template(t, token or cfg.class_word)) for t in templates]
     generation = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
                   "negative_prompt": cfg.negative_prompt}
 
     def render(batch_prompts: list[str], seeds: list[int], setting: dict) -> torch.Tensor:
-        return generate(backbone, batch_prompts, seed=seeds, **{**generation, **setting})
+        setting = dict(setting)
+        with sliders.strengths(slider_strength(cfg, setting) if sliders.sliders else None):
+            setting.pop("strength", None)
+            return generate(backbone, batch_prompts, seed=seeds, encode=sliders.encoder(backbone),
+                            **{**generation, **setting})
 
     jobs = plan(prompts, texts, cfg.seeds, sweep)
     mine = shard(jobs, fabric.global_rank, fabric.world_size)
@@ -134,8 +167,9 @@ def run(cfg: DictConfig, fabric) -> dict:
     grid, legend = sample_grid(images, sweep)
     save_png(grid, out / "grid.png")
     write_json(out / "grid.json", legend)
-    write_json(out / "samples.json", {"artifact": cfg.artifact, "model": cfg.model.name, "samples": records})
-    summary = {"artifact": cfg.artifact, "model": cfg.model.name, "metrics": sorted(suite.metrics),
+    names = [str(path) for path, _ in artifacts]
+    write_json(out / "samples.json", {"artifact": names, "model": cfg.model.name, "samples": records})
+    summary = {"artifact": names, "model": cfg.model.name, "metrics": sorted(suite.metrics),
                "samples": len(records), "world_size": fabric.world_size, "rows": rows}
     write_json(out / "metrics.json", summary)
     write_table(out / "metrics.csv", rows)

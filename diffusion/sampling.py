@@ -63,17 +63,22 @@ def guided_epsilon(backbone: Backbone, latents: torch.Tensor, t: torch.Tensor, c
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
+CondSchedule = Callable[[int, int], Conditioning]  # (step index, timestep) -> the conditioning of that step
+
+
 @torch.no_grad()
-def ddim_sample(backbone: Backbone, cond: Conditioning, latents: torch.Tensor, uncond: Conditioning | None = None,
-                num_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0, start_step: int = 0,
-                stop_step: int | None = None, generator: torch.Generator | None = None,
-                hub: AttentionHub | None = None, cross_attention_kwargs: dict | None = None,
+def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: torch.Tensor,
+                uncond: Conditioning | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
+                eta: float = 0.0, start_step: int = 0, stop_step: int | None = None,
+                generator: torch.Generator | None = None, hub: AttentionHub | None = None,
+                cross_attention_kwargs: dict | None = None,
                 step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
                 progress: bool = False) -> torch.Tensor:
     """Denoise `latents` from step `start_step` to `stop_step` (default: the end) of an N-step DDIM run.
 
     Partial denoising stops early (Prompt / Concept Sliders); `step_callback(i, latents)` may
-    return replacement latents (e.g. local blending). Deterministic for a given generator.
+    return replacement latents (e.g. local blending); `cond` may change with the step (a schedule).
+    Deterministic for a given generator.
     """
     schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
     stop = num_steps if stop_step is None else stop_step
@@ -82,7 +87,8 @@ def ddim_sample(backbone: Backbone, cond: Conditioning, latents: torch.Tensor, u
         t = schedule.timesteps[i].to(x.device)
         if hub is not None:
             hub.state.step, hub.state.num_steps = i, num_steps
-        eps = guided_epsilon(backbone, x, t, cond, uncond, guidance_scale, hub, cross_attention_kwargs)
+        c = cond(i, int(schedule.timesteps[i])) if callable(cond) else cond
+        eps = guided_epsilon(backbone, x, t, c, uncond, guidance_scale, hub, cross_attention_kwargs)
         noise = None
         if eta:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
@@ -123,8 +129,8 @@ def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: Conditioning, n
 
 
 def initial_noise(backbone: Backbone, batch: int, generator: torch.Generator | None = None,
-                  device=None) -> torch.Tensor:
-    size = backbone.resolution // backbone.vae_scale_factor
+                  device=None, resolution: int | None = None) -> torch.Tensor:
+    size = (resolution or backbone.resolution) // backbone.vae_scale_factor
     shape = (batch, backbone.unet.config.in_channels, size, size)
     return torch.randn(shape, generator=generator, device=device or backbone.device, dtype=torch.float32)
 
@@ -132,18 +138,21 @@ def initial_noise(backbone: Backbone, batch: int, generator: torch.Generator | N
 @torch.no_grad()
 def generate(backbone: Backbone, prompts: list[str], seed: int | Sequence[int] = 0, num_steps: int = 50,
              guidance_scale: float = 7.5, negative_prompt: str = "", hub: AttentionHub | None = None,
-             progress: bool = False) -> torch.Tensor:
-    """Images in [0, 1], [B, 3, H, W], for prompts in one batch.
+             progress: bool = False, encode: Callable[[list[str]], Conditioning | CondSchedule] | None = None,
+             resolution: int | None = None, decode: bool = True) -> torch.Tensor:
+    """Images in [0, 1], [B, 3, H, W], for prompts in one batch (latents with decode=False).
 
     `seed` is one seed per prompt, or an int s meaning s, s+1, ...: each sample's noise comes from
-    its own seed, so a sample does not depend on what else is in the batch.
+    its own seed, so a sample does not depend on what else is in the batch. `encode` replaces the
+    backbone's prompt encoding (e.g. a slider that edits the text states, or changes them with t).
     """
     device = backbone.device
     seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    noise = torch.cat([initial_noise(backbone, 1, torch.Generator(device).manual_seed(s), device) for s in seeds])
-    cond = backbone.encode_prompt(prompts)
+    noise = torch.cat([initial_noise(backbone, 1, torch.Generator(device).manual_seed(s), device, resolution)
+                       for s in seeds])
+    cond = (encode or backbone.encode_prompt)(prompts)
     uncond = backbone.encode_prompt([negative_prompt])
     latents = ddim_sample(backbone, cond, noise, uncond, num_steps, guidance_scale, hub=hub, progress=progress)
-    return backbone.decode_latents(latents)
+    return backbone.decode_latents(latents) if decode else latents

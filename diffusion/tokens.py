@@ -10,9 +10,11 @@ Files use diffusers' textual-inversion format: {token: [n, d]} safetensors, or {
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -22,6 +24,7 @@ from utils.errors import ArtifactError, ConfigError
 from utils.io import write_safetensors
 
 SDXL_KEYS = ("clip_l", "clip_g")
+log = logging.getLogger(__name__)
 
 
 def vector_names(token: str, num_vectors: int) -> list[str]:
@@ -48,19 +51,23 @@ class TokenRows(nn.Module):
     """Trainable rows for some ids of one embedding table, spliced into its lookups.
 
     `scale` (None, a float, or a [batch] tensor) multiplies the spliced rows: Prompt Sliders
-    scale the slider token by alpha in the prompt.
+    scale the slider token by alpha in the prompt. With `enabled` False lookups read the table's own
+    rows (the frozen model's predictions of a slider's target, an erased word's original meaning).
     """
 
     def __init__(self, embedding: nn.Embedding, token_ids: Sequence[int]):
         super().__init__()
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=embedding.weight.device)
         self.rows = nn.Parameter(embedding.weight.detach()[ids].float().clone())
         self.register_buffer("token_ids", ids, persistent=False)
         self.scale: float | torch.Tensor | None = None
+        self.enabled = True
         self._embedding = [embedding]  # a list: not a submodule, so not part of this module's state
         self._handle = embedding.register_forward_hook(self._splice)
 
     def _splice(self, module, args, out):
+        if not self.enabled:
+            return out
         match = args[0].unsqueeze(-1) == self.token_ids  # [..., n]: a handful of ids, no vocab-sized table
         hit = match.any(-1)
         if not bool(hit.any()):
@@ -147,7 +154,8 @@ class PlaceholderTokens(nn.Module):
             return weight[cls._initializer_id(tokenizer, initializer)].expand(n, -1).clone()
         std = init_std if init_std is not None else weight.float().std().item()
         g = torch.Generator().manual_seed(0)
-        return (torch.randn(n, weight.shape[1], generator=g) * std).to(weight.dtype)
+        rows = torch.randn(n, weight.shape[1], generator=g, device="cpu")  # the same start on every device
+        return (rows * std).to(weight.device, weight.dtype)
 
     # ----- use ------------------------------------------------------------------------------------
     def expand(self, prompt: str) -> str:
@@ -159,6 +167,28 @@ class PlaceholderTokens(nn.Module):
     def set_scale(self, scale: float | torch.Tensor | None) -> None:
         for rows in self.rows:
             rows.scale = scale
+
+    @contextlib.contextmanager
+    def scaled(self, scale: float | torch.Tensor | None) -> Iterator[None]:
+        """The token's rows times `scale` (a float, or one value per prompt of a batch) inside the block."""
+        before = [rows.scale for rows in self.rows]
+        self.set_scale(scale)
+        try:
+            yield
+        finally:
+            for rows, old in zip(self.rows, before):
+                rows.scale = old
+
+    @contextlib.contextmanager
+    def original(self) -> Iterator[None]:
+        """Lookups read the embedding table's own rows inside the block (the frozen model)."""
+        for rows in self.rows:
+            rows.enabled = False
+        try:
+            yield
+        finally:
+            for rows in self.rows:
+                rows.enabled = True
 
     def write_back(self) -> None:
         for rows in self.rows:
@@ -212,6 +242,11 @@ def load_embeddings(backbone, path: str | Path, token: str | None = None) -> lis
 
     Existing words in the file (erasing artifacts) overwrite their own rows. Returns the names added.
     """
+    return load_embedding_ids(backbone, path, token)[0]
+
+
+def load_embedding_ids(backbone, path: str | Path, token: str | None = None) -> tuple[list[str], dict[int, list[int]]]:
+    """`load_embeddings`, also returning the token ids it wrote per text encoder index."""
     meta, tensors = _read_embedding_file(path)
     stored, existing_word = meta.get("token"), meta.get("train_existing") == "true"
     if all(k in SDXL_KEYS for k in tensors):
@@ -219,6 +254,11 @@ def load_embeddings(backbone, path: str | Path, token: str | None = None) -> lis
         if token is None:
             raise ArtifactError(f"{path} has no token name; pass token=...")
         per_encoder = {SDXL_KEYS.index(k): v for k, v in tensors.items()}
+        dropped = [SDXL_KEYS[i] for i in per_encoder if i >= len(backbone.text_encoders)]
+        if dropped:  # an SDXL artifact on SD1.x: the CLIP-L part transfers (the text encoder they share)
+            log.info("%s: %s has no text encoder on this model; using %s", path, ", ".join(dropped),
+                     ", ".join(SDXL_KEYS[i] for i in per_encoder if i < len(backbone.text_encoders)))
+            per_encoder = {i: v for i, v in per_encoder.items() if i < len(backbone.text_encoders)}
     else:
         if len(tensors) != 1:
             raise ArtifactError(f"{path} holds {len(tensors)} tensors; expected one {{token: [n, d]}} entry")
@@ -226,6 +266,7 @@ def load_embeddings(backbone, path: str | Path, token: str | None = None) -> lis
         token = token or name
         per_encoder = {0: value}
     names: list[str] = []
+    written: dict[int, list[int]] = {}
     for i, value in per_encoder.items():
         tokenizer, encoder = backbone.tokenizers[i], backbone.text_encoders[i]
         value = value.reshape(-1, value.shape[-1])
@@ -248,4 +289,5 @@ def load_embeddings(backbone, path: str | Path, token: str | None = None) -> lis
         with torch.no_grad():
             embedding = encoder.get_input_embeddings()
             embedding.weight[ids] = value.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
-    return names
+        written[i] = list(ids)
+    return names, written

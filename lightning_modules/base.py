@@ -125,7 +125,11 @@ class DiffusionModule(L.LightningModule):
         generation = {"num_steps": num_steps, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
         generation.update({k: setting.pop(k) for k in list(setting) if k in generation})
         with self.sampling_setting(**setting):
-            return generate(self.backbone, prompts, seed=list(seeds), **generation)
+            return generate(self.backbone, prompts, seed=list(seeds), encode=self.prompt_encoder(), **generation)
+
+    def prompt_encoder(self) -> Callable | None:
+        """How sampling encodes prompts, when not as the backbone does (a slider that edits text states)."""
+        return None
 
     # ----- artifacts -------------------------------------------------------------------------------
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:

@@ -193,6 +193,7 @@ def test_evaluate_multirun_builds_one_table_and_splits_over_processes(tmp_path):
     (["metrics=none", "+metrics.psnr._target_=metrics.image_quality.PSNR"], "'psnr' (PSNR) needs sources"),
     (["prompts=['a photo of a {}']"], "judge shapes-world captions and 'a photo of a badge' is not one"),
     (["sweep={strength:[0,1]}"], "sweep.strength is not a sampling setting"),
+    (["strength=2"], "strength is set but no artifact is a slider"),
     (["prompts_file=/nonexistent.txt"], "prompts_file=/nonexistent.txt does not exist"),
     (["references=/nonexistent"], "references=/nonexistent is not a folder"),
 ])

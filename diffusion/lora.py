@@ -1,0 +1,99 @@
+"""Low-rank adapters (PEFT LoRA) on a frozen UNet, saved and read in diffusers' LoRA format.
+
+The adapter's weights are fp32 and trainable; the UNet they sit on stays frozen in its compute dtype.
+Files are what `pipeline.save_lora_weights` writes (`pytorch_lora_weights.safetensors`, keys
+`unet.<module>.lora_A.weight`, the adapter's config in the metadata) so `load_lora_weights` reads
+them back with their alpha.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from utils.errors import ArtifactError, ConfigError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# Concept Sliders' "noxattn": every linear / 1x1 layer inside the transformer blocks except cross-attention
+# (attn2), i.e. self-attention q/k/v/out, the feed-forward and proj_in / proj_out.
+NO_CROSS_ATTENTION = (r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
+                      r"(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))")
+TARGETS = {"noxattn": NO_CROSS_ATTENTION}
+
+
+def add_lora(unet, rank: int, alpha: float, targets: str | Sequence[str], adapter_name: str = "default",
+             init: str | bool = True) -> list[torch.nn.Parameter]:
+    """Add a LoRA adapter to `unet`; return its (fp32, trainable) parameters. `targets` is a key of
+    TARGETS, a regex matched against full module names, or a list of module-name suffixes."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ConfigError(f"LoRA rank {rank} must be at least 1")
+    target_modules = TARGETS.get(targets, targets) if isinstance(targets, str) else list(targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=init)
+    try:
+        unet.add_adapter(config, adapter_name=adapter_name)
+    except ValueError as e:
+        raise ConfigError(f"LoRA targets {targets!r} match no layer of this UNet ({str(e).splitlines()[0]})") from e
+    params = []
+    for name, p in unet.named_parameters():
+        if f"lora_A.{adapter_name}." in name or f"lora_B.{adapter_name}." in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def set_lora_scale(unet, scale: float, adapter_name: str = "default") -> None:
+    """Multiply the adapter's output by `scale` (on top of alpha / rank); negative scales reverse it."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in unet.modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+            module.scaling[adapter_name] = scale * module.lora_alpha[adapter_name] / module.r[adapter_name]
+
+
+@contextlib.contextmanager
+def lora_disabled(unet) -> Iterator[None]:
+    """The frozen UNet without its adapters inside the block."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def save_lora(path: str | Path, unet, sdxl: bool = False, adapter_name: str = "default") -> Path:
+    """Write the adapter as diffusers LoRA weights at `path` (a .safetensors file), atomically."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    layers = {k: v.detach().float().cpu() for k, v in state.items()}
+    metadata = unet.peft_config[adapter_name].to_dict()
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
+        pipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=path.name,
+                                   unet_lora_adapter_metadata=metadata)
+        shutil.move(str(Path(tmp) / path.name), str(path))
+    path.chmod(0o644)
+    return path
+
+
+def load_lora(unet, path: str | Path, adapter_name: str = "default") -> None:
+    """Add the adapter of a diffusers LoRA file to `unet` (as `save_lora` wrote it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"LoRA file {path} does not exist; pass a run's {LORA_FILE}")
+    try:
+        unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ArtifactError(f"{path} does not fit this UNet ({str(e).splitlines()[0]}); it was trained on "
+                            f"another architecture") from e

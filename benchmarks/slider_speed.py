@@ -4,8 +4,7 @@
     python benchmarks/slider_speed.py sample --models sd15_random sdxl_random --repeats 5
 
 `train` runs train.py (trainer=gpu, slider=age) for method=prompt_slider and method=concept_slider and
-prints the median seconds per iteration, the mean (which includes generating the latent pool) and the
-peak GPU memory from each run's timing.json. `sample` times one image (50 DDIM steps, guidance 7.5,
+prints the median and mean seconds per iteration and the peak GPU memory from each run's timing.json. `sample` times one image (50 DDIM steps, guidance 7.5,
 bf16) with the plain model, with a prompt slider in the prompt, and with a rank-4 LoRA slider on the
 UNet (unmerged, as sliders are used with a strength), in turns, and the time to load the LoRA file.
 """

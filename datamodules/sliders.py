@@ -150,6 +150,10 @@ class SliderPromptDataModule(L.LightningDataModule):
         self.resolution = self.templates[0].resolution  # None: the model's
         self.seed, self.num_workers = seed, num_workers
 
+    def target_prompts(self) -> list[str]:
+        """Every target prompt the stream can yield (each template with each of its preserve phrases)."""
+        return list(dict.fromkeys(t.prompts(p)["target"] for t in self.templates for p in (t.preserve or (None,))))
+
     def train_dataloader(self) -> DataLoader:
         start, rank, world = stream_position(self.trainer)
         stream = IndexedStream(SliderPrompts(self.templates, self.seed), self.batch_size, start, rank, world)

@@ -8,7 +8,7 @@ the target prompt c_t and its prediction regressed on
 with the frozen model's predictions (one batched UNet call). Erasing, eq. (7), subtracts the
 difference and learns the embedding of the word itself (token.train_existing). Eq. (4) draws z_t from
 images of the target: with no image set, they are the frozen model's own samples of each target
-prompt (`pool_size` per prompt, generated once when first needed), noised to t ~ U{0..T-1}.
+prompt (`pool.size` per prompt, generated when training starts), noised to t ~ U{0..T-1}.
 Visual slider, eq. (6): image pairs A/B with the same noise and timestep, +alpha S for A, -alpha S for B.
 
 variant=reference_code follows the authors' code instead: no alpha in training; z_t by partially
@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from datamodules.prompts import fill_template
 from diffusion.backbone import Backbone, Conditioning
@@ -51,18 +52,22 @@ def slider_target(eps_neutral: torch.Tensor, eps_positive: torch.Tensor, eps_neg
 
 class LatentPool:
     """The frozen model's samples of each target prompt (the z_0 of eq. 4 when there is no image set),
-    generated the first time a prompt is seen, from seeds derived from (seed, prompt)."""
+    from seeds derived from (seed, prompt): the same pool whenever and in whatever order it is made."""
 
     def __init__(self, size: int, num_steps: int, guidance_scale: float, seed: int):
         self.size, self.num_steps, self.guidance_scale, self.seed = size, num_steps, guidance_scale, seed
         self.latents: dict[str, torch.Tensor] = {}
 
-    def draw(self, backbone: Backbone, prompt: str, generator: torch.Generator, resolution: int | None) -> torch.Tensor:
-        if prompt not in self.latents:
+    def fill(self, backbone: Backbone, prompts: list[str], resolution: int | None, progress: bool = False) -> None:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.latents]
+        for prompt in tqdm(missing, desc="latent pool", disable=not progress or not missing):
             digest = int(hashlib.sha256(prompt.encode()).hexdigest()[:12], 16)
             seeds = [(self.seed * 1_000_003 + digest + i) % (2 ** 63) for i in range(self.size)]
             self.latents[prompt] = generate(backbone, [prompt] * self.size, seed=seeds, num_steps=self.num_steps,
                                             guidance_scale=self.guidance_scale, resolution=resolution, decode=False)
+
+    def draw(self, backbone: Backbone, prompt: str, generator: torch.Generator, resolution: int | None) -> torch.Tensor:
+        self.fill(backbone, [prompt], resolution)  # a prompt the data module did not announce
         pool = self.latents[prompt]
         return pool[int(torch.randint(len(pool), (1,), generator=generator, device=generator.device))]
 
@@ -141,8 +146,14 @@ class SliderModule(DiffusionModule):
         self.sliders = SliderSet([slider])
 
     def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
         if self.resolution is None:  # the templates' training resolution, when they name one
-            self.resolution = getattr(self.trainer.datamodule, "resolution", None)
+            self.resolution = getattr(datamodule, "resolution", None)
+        if self.mode == "textual" and self.variant == "paper" and hasattr(datamodule, "target_prompts"):
+            prompts = datamodule.target_prompts()
+            log.info("latent pool: %d samples of each of %d target prompts", self.pool.size, len(prompts))
+            with self.tokens.original():  # an erased word keeps its meaning in the images of c_t
+                self.pool.fill(self.backbone, prompts, self.resolution, progress=self.trainer.is_global_zero)
 
     @property
     def scaling(self) -> str:

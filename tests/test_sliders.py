@@ -71,6 +71,21 @@ def test_prompt_stream_is_a_function_of_the_index():
     assert {i["template"] for i in items} == {0, 1}
     assert {i["target"] for i in items if i["template"] == 0} == {"a red circle", "a blue star"}
     assert {i["sign"] for i in items} == {1.0, -1.0}
+    from datamodules.sliders import SliderPromptDataModule
+    announced = SliderPromptDataModule([SIZE, {"target": "x", "action": "erase"}]).target_prompts()
+    assert announced == ["a red circle", "a blue star", "x"] and {i["target"] for i in items} <= set(announced)
+
+
+def test_latent_pool_is_the_same_in_any_order(tiny):
+    from lightning_modules.slider import LatentPool
+
+    one, two = LatentPool(2, 2, 7.5, seed=0), LatentPool(2, 2, 7.5, seed=0)
+    one.fill(tiny, ["a dog", "a cat"], None)
+    two.fill(tiny, ["a cat"], None)
+    two.fill(tiny, ["a dog"], None)
+    assert one.latents["a dog"].shape == (2, 4, 32, 32)
+    assert torch.equal(one.latents["a dog"], two.latents["a dog"])
+    assert not torch.equal(one.latents["a dog"], one.latents["a cat"])
 
 
 # ----- the module -----------------------------------------------------------------------------------

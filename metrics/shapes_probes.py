@@ -39,6 +39,7 @@ from datamodules.shapes.world import (BACKGROUNDS, BADGE_SHAPES, COLOURS, CONCEP
                                       TEXTURES, Badge, ObjectSpec, Scene, SceneSampler, concept_scene)
 from utils.errors import ArtifactError
 from utils.io import write_json, write_safetensors
+from utils.morphology import dilate, erode, fill_holes, reconstruct, until_stable
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "shapes_probe.safetensors"
 TRAIN_COMMAND = "python -m metrics.shapes_probes train --out {path} --steps 2000"
@@ -95,37 +96,6 @@ class Segmentation:
     masks: torch.Tensor       # [B, K, H, W] bool, objects largest first; empty slots are all False
 
 
-# ----- morphology -----------------------------------------------------------------------------------
-def _max3(x: torch.Tensor, outside: float) -> torch.Tensor:
-    """3x3 maximum filter as two 1-D passes (several times faster than max_pool2d on the CPU)."""
-    p = F.pad(x, (1, 1, 1, 1), value=outside)
-    rows = torch.maximum(torch.maximum(p[..., :-2], p[..., 1:-1]), p[..., 2:])
-    return torch.maximum(torch.maximum(rows[..., :-2, :], rows[..., 1:-1, :]), rows[..., 2:, :])
-
-
-def _dilate(x: torch.Tensor) -> torch.Tensor:
-    return _max3(x, float("-inf"))
-
-
-def _erode(x: torch.Tensor) -> torch.Tensor:
-    """3x3 erosion of a non-negative map; outside the image counts as 0, so shapes cut by the border keep an edge."""
-    return -_max3(-x, 0.0)
-
-
-def _until_stable(step: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Iterate a monotone propagation step to its fixed point."""
-    while True:
-        new = step(x)
-        if torch.equal(new, x):
-            return x
-        x = new
-
-
-def _reconstruct(marker: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grey-level reconstruction by dilation: `marker` flooded upwards, never above `mask`."""
-    return _until_stable(lambda x: torch.minimum(_dilate(x), mask), torch.minimum(marker, mask))
-
-
 # ----- background and objects -----------------------------------------------------------------------
 def estimate_background(images: torch.Tensor, border: int = 2) -> torch.Tensor:
     """[B, 3] median of the border pixels: objects seldom reach the border, and the median ignores them."""
@@ -179,15 +149,6 @@ def _texture_shade(images: torch.Tensor, distance: torch.Tensor) -> torch.Tensor
     return _between(distance > STRONG) & (_distance(images, _shade(main)) < SHADE_TOLERANCE)
 
 
-def _fill_holes(foreground: torch.Tensor) -> torch.Tensor:
-    """Whatever the background cannot reach from the image border belongs to an object (emblems, dots)."""
-    background = 1 - foreground
-    edge = torch.zeros_like(background)
-    edge[..., [0, -1], :] = 1
-    edge[..., :, [0, -1]] = 1
-    return 1 - _reconstruct(edge * background, background)
-
-
 def _watershed(region: torch.Tensor) -> torch.Tensor:
     """Label map [B, 1, H, W] (0 = background) with touching objects split.
 
@@ -198,19 +159,19 @@ def _watershed(region: torch.Tensor) -> torch.Tensor:
     inside = region > 0
     depth, layer = torch.zeros_like(region), region
     while layer.any():
-        depth, layer = depth + layer, _erode(layer)
-    domes = torch.where(inside, _reconstruct(depth - MARKER_DEPTH, depth), -1.0)
-    markers = inside & (domes > _reconstruct(domes - 1, domes))  # regional maxima of the flattened domes
+        depth, layer = depth + layer, erode(layer)
+    domes = torch.where(inside, reconstruct(depth - MARKER_DEPTH, depth), -1.0)
+    markers = inside & (domes > reconstruct(domes - 1, domes))  # regional maxima of the flattened domes
     h, w = region.shape[-2:]
     ids = torch.arange(1, h * w + 1, dtype=region.dtype, device=region.device).view(1, 1, h, w).expand_as(region)
-    labels = _until_stable(lambda x: torch.where(markers, _dilate(x), x), torch.where(markers, ids, 0.0))
-    return _until_stable(lambda x: torch.where(inside & (x == 0), _dilate(x), x), labels)
+    labels = until_stable(lambda x: torch.where(markers, dilate(x), x), torch.where(markers, ids, 0.0))
+    return until_stable(lambda x: torch.where(inside & (x == 0), dilate(x), x), labels)
 
 
 def _half_covered(distance: torch.Tensor, region: torch.Tensor, shade: torch.Tensor) -> torch.Tensor:
     """Pixels at least half-way from the background to the object colour next to them, as a renderer mask
     >= 0.5 would hold; the region's core (emblems, texture shades) and texture shades always count."""
-    core = _erode(region)
+    core = erode(region)
     nearby = F.max_pool2d(distance * core, 5, 1, 2)
     return (core > 0) | shade | ((nearby > 0) & (distance >= 0.5 * nearby))
 
@@ -222,9 +183,9 @@ def segment(images: torch.Tensor) -> Segmentation:
     distance = _distance(images, bg)
     smooth = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
     shade = _texture_shade(images, distance)
-    region = _fill_holes(((_distance(smooth, bg) > FOREGROUND) | shade).to(images.dtype))
+    region = fill_holes(((_distance(smooth, bg) > FOREGROUND) | shade).to(images.dtype))
     labels = _watershed(region)
-    labels = torch.where(labels == 0, _dilate(labels), labels)  # the anti-aliased rim joins its object
+    labels = torch.where(labels == 0, dilate(labels), labels)  # the anti-aliased rim joins its object
     labels = labels * _half_covered(distance, region, shade)
     return Segmentation(background, _split_labels(labels[:, 0]))
 
@@ -282,7 +243,7 @@ def crop_objects(images: torch.Tensor, own: torch.Tensor, others: torch.Tensor, 
     With a generator, the crop's scale and centre are jittered (training).
     """
     n, _, h, w = images.shape
-    spill = _dilate(others[:, None].float())[:, 0].bool() & ~own
+    spill = dilate(others[:, None].float())[:, 0].bool() & ~own
     painted = torch.where(spill[:, None], background[:, :, None, None], images)
     box = _geometry(own)["bbox"] * torch.tensor([w, h, w, h], device=images.device)
     cx, cy = (box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2

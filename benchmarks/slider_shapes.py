@@ -49,7 +49,7 @@ ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0)
 SEEDS = (0, 1, 2, 3, 4)
 
 
-def train(out: Path, steps: int | None, only: list[str]) -> None:
+def train(out: Path, steps: int | None, only: list[str], extra: list[str]) -> None:
     procs = {}
     for name, overrides in RUNS.items():
         if only and name not in only:
@@ -59,6 +59,7 @@ def train(out: Path, steps: int | None, only: list[str]) -> None:
                 "callbacks.progress_bar.refresh_rate=0", "callbacks.artifact_export.every_n_steps=250"]
         if steps:
             args.append(f"trainer.max_steps={steps}")  # after the run's own: it wins
+        args += extra
         run.parent.mkdir(parents=True, exist_ok=True)
         log = open(out / f"{name}.log", "w")
         procs[name] = (subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), time.time())
@@ -218,9 +219,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="train / evaluate only these runs")
     parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps when evaluating")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run (after the options)")
+    args = parser.parse_intermixed_args()
     if args.phase == "train":
-        train(args.out, args.steps, args.only)
+        train(args.out, args.steps, args.only, args.overrides)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the probes read on the CPU; leave some for training
         evaluate(args.out, args.device, args.num_steps, args.only)

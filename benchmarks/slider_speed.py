@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmarks" / "sliders")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     rows = train(args.models, args.methods, args.steps, args.out, args.overrides) if args.phase == "train" else \
         sample(args.models, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)

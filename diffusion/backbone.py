@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -102,6 +102,7 @@ class Backbone(nn.Module):
         self.tokenizers = list(tokenizers)
         self.scheduler = scheduler
         self.name = name
+        self.unet_graphs = None  # diffusion.cuda_graphs.UNetGraphs while enabled (callbacks/fast_unet.py)
         self.requires_grad_(False)
         self.eval()
 
@@ -176,6 +177,8 @@ class Backbone(nn.Module):
             t = torch.tensor(t, device=latents.device)
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
+        if self.unet_graphs is not None and cross_attention_kwargs is None:
+            return self.unet_graphs(latents, t, **cond.unet_kwargs())
         return self.unet(latents.to(self.dtype), t, **cond.unet_kwargs(),
                          cross_attention_kwargs=cross_attention_kwargs).sample
 

@@ -69,9 +69,7 @@ class TokenRows(nn.Module):
         if not self.enabled:
             return out
         match = args[0].unsqueeze(-1) == self.token_ids  # [..., n]: a handful of ids, no vocab-sized table
-        hit = match.any(-1)
-        if not bool(hit.any()):
-            return out
+        hit = match.any(-1)  # no early exit when nothing hits: asking would wait for the GPU
         rows = self.rows[match.long().argmax(-1)]
         if self.scale is not None:
             scale = torch.as_tensor(self.scale, device=rows.device, dtype=rows.dtype)

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from datamodules.prompts import fill_template
@@ -69,7 +70,8 @@ class LatentPool:
     def draw(self, backbone: Backbone, prompt: str, generator: torch.Generator, resolution: int | None) -> torch.Tensor:
         self.fill(backbone, [prompt], resolution)  # a prompt the data module did not announce
         pool = self.latents[prompt]
-        return pool[int(torch.randint(len(pool), (1,), generator=generator, device=generator.device))]
+        pick = torch.randint(len(pool), (1,), generator=generator, device=generator.device)
+        return pool[pick.to(pool.device)][0]  # a tensor index: no wait for the GPU
 
 
 class TextCache:
@@ -191,15 +193,16 @@ class SliderModule(DiffusionModule):
             latents = backbone.add_noise(z0.float(), noise, t).to(backbone.dtype)
             alpha = self.draw_alpha(n, g)
             token_scale = alpha
-        with torch.no_grad():  # eps(c_t), eps(c+, p), eps(c-, p) of the frozen model: one UNet call
+        with torch.no_grad(), record_function("slider/frozen_unet"):  # eps(c_t), eps(c+, p), eps(c-, p): one call
             cond = self.frozen_text(list(batch["neutral"]) + list(batch["positive"]) + list(batch["unconditional"]))
             x, tt = latents.repeat(3, 1, 1, 1), t.repeat(3)
             eps_n, eps_p, eps_m = backbone.to_epsilon(backbone.predict(x, tt, cond), x, tt).float().chunk(3)
             scale = batch["sign"].to(self.device).float() * batch["guidance_scale"].to(self.device).float() * alpha
             target = slider_target(eps_n, eps_p, eps_m, scale)
-        with self.tokens.scaled(token_scale):
+        with self.tokens.scaled(token_scale), record_function("slider/encode_prompt"):
             cond = backbone.encode_prompt([self.trained_prompt(p) for p in batch["target"]])
-        pred = backbone.to_epsilon(backbone.predict(latents, t, cond), latents, t).float()
+        with record_function("slider/trained_unet"):
+            pred = backbone.to_epsilon(backbone.predict(latents, t, cond), latents, t).float()
         return F.mse_loss(pred, target)
 
     @torch.no_grad()

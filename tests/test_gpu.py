@@ -44,3 +44,53 @@ def test_cuda_sampling_is_deterministic(tiny):
     a = generate(tiny, ["a red cat", "a dog"], seed=[3, 4], num_steps=4)
     b = generate(tiny, ["a red cat", "a dog"], seed=[3, 4], num_steps=4)
     assert torch.equal(a, b) and a.is_cuda
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+def test_unet_graphs_replay_the_eager_unet_and_its_input_gradients(model, request):
+    from diffusion.backbone import Conditioning
+    from diffusion.cuda_graphs import UNetGraphs
+
+    backbone = request.getfixturevalue(model).to("cuda")
+    cond = backbone.encode_prompt(["a red cat", "a dog"])
+    t = torch.tensor([10, 700], device="cuda")
+    size = backbone.unet.config.sample_size
+    g = torch.Generator("cuda").manual_seed(0)
+
+    def run(x, hidden):  # output, and d(loss)/d(text states) when they need it
+        out = backbone.predict(x, t, Conditioning(hidden, cond.pooled, cond.time_ids))
+        if not hidden.requires_grad:
+            return out, None
+        return out, torch.autograd.grad((out.float() ** 2).mean(), hidden)[0]
+
+    xs = [torch.randn(2, 4, size, size, generator=g, device="cuda") for _ in range(3)]
+    hidden = cond.hidden_states.detach().requires_grad_()
+    eager = [run(x, hidden) for x in xs]
+    with torch.no_grad():
+        eager_frozen = [run(x, cond.hidden_states)[0] for x in xs]
+    backbone.unet_graphs = UNetGraphs(backbone.unet)
+    for x, (out, grad), frozen in zip(xs, eager, eager_frozen):  # the first call captures, the next replay
+        graphed_out, graphed_grad = run(x, hidden)
+        torch.testing.assert_close(graphed_out, out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(graphed_grad, grad, rtol=1e-4, atol=1e-7)
+        with torch.no_grad():
+            torch.testing.assert_close(run(x, cond.hidden_states)[0], frozen, rtol=1e-4, atol=1e-5)
+    assert len(backbone.unet_graphs.graphs) == 2  # with and without gradients
+
+
+def test_unet_graphs_leave_recording_attention_eager(tiny):
+    from diffusion.attention import AttentionHub
+    from diffusion.cuda_graphs import UNetGraphs
+
+    tiny.to("cuda")
+    cond = tiny.encode_prompt(["a red cat"])
+    x = torch.randn(1, 4, tiny.unet.config.sample_size, tiny.unet.config.sample_size, device="cuda")
+    tiny.unet_graphs = UNetGraphs(tiny.unet)
+    hub = AttentionHub(tiny.unet)
+    with torch.no_grad():
+        tiny.predict(x, 500, cond)
+    assert not tiny.unet_graphs.graphs
+    hub.restore()
+    with torch.no_grad():
+        tiny.predict(x, 500, cond)
+    assert len(tiny.unet_graphs.graphs) == 1

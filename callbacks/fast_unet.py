@@ -1,0 +1,60 @@
+"""A faster frozen UNet for training: CUDA graphs or torch.compile, switched on when training starts.
+
+At batch 1 a UNet step is bound by the CPU launching thousands of small kernels (an SDXL slider step
+keeps the GPU busy about a tenth of its wall time, docs/benchmarks.md).
+
+- `cuda_graphs`: each input signature's forward (and backward to the text states) is captured once
+  and replayed (diffusion/cuda_graphs.py); capturing takes about a second.
+- `default`, `reduce-overhead`, `max-autotune`: torch.compile of the UNet in place, for static
+  shapes; compiling an SDXL UNet's forward and backward takes several minutes.
+
+Both need a frozen UNet: not for a trained or LoRA-adapted one (an error says so). With CUDA graphs,
+calls through attention processors that record maps in Python run eager. Switched on in
+on_train_start (after the latent pools and caches made in on_fit_start) and off when training ends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+
+from diffusion.cuda_graphs import UNetGraphs
+from utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+MODES = ("cuda_graphs", *COMPILE_MODES)
+
+
+class FastUNet(L.Callback):
+    def __init__(self, mode: str | None = None):
+        if mode is not None and mode not in MODES:
+            raise ConfigError(f"callbacks.fast_unet.mode={mode!r} is unknown; use null or one of {MODES}")
+        self.mode = mode
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.mode is None:
+            return
+        if pl_module.device.type != "cuda":
+            raise ConfigError(f"callbacks.fast_unet.mode={self.mode} needs a GPU; use trainer=gpu or mode=null")
+        backbone = getattr(pl_module, "backbone", None)
+        unet = getattr(backbone, "unet", None)
+        if unet is None or any(p.requires_grad for p in unet.parameters()) \
+                or any("lora_" in name for name, _ in unet.named_parameters()):
+            raise ConfigError(f"callbacks.fast_unet.mode={self.mode}: this method has no frozen backbone UNet (it "
+                              f"trains or adapts the UNet); set callbacks.fast_unet.mode=null")
+        if self.mode == "cuda_graphs":
+            pl_module.backbone.unet_graphs = UNetGraphs(unet)
+        else:
+            unet.compile(mode=self.mode, dynamic=False)
+        log.info("fast UNet: %s", self.mode)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()  # this step may overwrite the last step's graph outputs
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.mode == "cuda_graphs":
+            pl_module.backbone.unet_graphs = None  # frees the graphs' memory; later sampling runs eager

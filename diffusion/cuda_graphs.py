@@ -1,0 +1,76 @@
+"""CUDA graphs of the frozen UNet: each input signature's kernels are captured once, then replayed.
+
+At batch 1 a UNet call is bound by the CPU launching its kernels (about 2,000 for an SDXL forward),
+not by the GPU running them: an eager SDXL slider step keeps the GPU busy a tenth of its wall time
+(docs/benchmarks.md). A replay launches the whole forward, and for inputs that need gradients the
+whole backward to them, as one graph. torch.compile's CUDA graphs do the same after minutes of
+compilation; capturing takes about a second per signature.
+
+A signature is the inputs' shapes and dtypes, whether gradients are on and which inputs need them.
+The UNet's weights are frozen, so the only gradients are those of its inputs (a prompt's text
+states). The graphed UNet runs in its weights' dtype with autocast off, as diffusers' pipelines
+run it. Attention processors other than diffusers' own (AttentionHub records maps in Python) and
+calls with cross_attention_kwargs run eager.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class UNetGraphs:
+    """`graphs(sample, timestep, encoder_hidden_states, added_cond_kwargs)` -> the UNet's output, replayed."""
+
+    def __init__(self, unet: nn.Module, max_graphs: int = 16):
+        if not torch.cuda.is_available() or unet.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need the UNet on a CUDA device")
+        if any(p.requires_grad for p in unet.parameters()):
+            raise RuntimeError("CUDA graphs replay a frozen UNet; this one has trained parameters")
+        self.unet, self.max_graphs = unet, max_graphs
+        self.graphs: dict[tuple, Callable] = {}  # each with its own memory pool: no replay overwrites another's
+
+    def _forward(self, sample, timestep, hidden_states, *added):
+        kwargs = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
+        with torch.autocast("cuda", enabled=False):
+            return self.unet(sample, timestep, encoder_hidden_states=hidden_states, **kwargs).sample
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 added_cond_kwargs: dict | None = None) -> torch.Tensor:
+        if not self.plain_attention():
+            return self.unet(sample.to(self.unet.dtype), timestep, encoder_hidden_states=encoder_hidden_states,
+                             added_cond_kwargs=added_cond_kwargs).sample
+        dtype = self.unet.dtype
+        args = [sample.to(dtype), timestep.expand(sample.shape[0]), encoder_hidden_states.to(dtype)]
+        if added_cond_kwargs:
+            args += [added_cond_kwargs["text_embeds"].to(dtype), added_cond_kwargs["time_ids"].to(dtype)]
+        grad = torch.is_grad_enabled()
+        key = (grad, tuple((tuple(a.shape), a.dtype, grad and a.requires_grad) for a in args))
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            if len(self.graphs) >= self.max_graphs:
+                log.warning("UNet graphs: %d signatures captured already; this call runs eager", self.max_graphs)
+                return self._forward(*args)
+            graphed = self._capture(args)
+            self.graphs[key] = graphed
+        with torch.autocast("cuda", enabled=False):
+            out = graphed(*args)
+        return out.clone()  # the graph's output buffer is overwritten by its next replay
+
+    def plain_attention(self) -> bool:
+        return all(type(p) in (AttnProcessor, AttnProcessor2_0) for p in self.unet.attn_processors.values())
+
+    def _capture(self, args: list[torch.Tensor]) -> Callable:
+        # static copies with the same autograd needs: the graph reads its inputs from them
+        samples = tuple(a.detach().clone().requires_grad_(torch.is_grad_enabled() and a.requires_grad) for a in args)
+        with torch.autocast("cuda", enabled=False):
+            graphed = torch.cuda.make_graphed_callables(self._forward, samples, allow_unused_input=True)
+        log.info("UNet graph %d captured: %s", len(self.graphs) + 1,
+                 ", ".join(f"{tuple(a.shape)}{'*' if a.requires_grad else ''}" for a in samples))
+        return graphed

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from datamodules.prompts import resolve_templates
-from datamodules.stream import IndexedStream, item_generator, stream_position
+from datamodules.stream import IndexedStream, item_generator, pass_order_index, stream_position
 from utils.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,7 @@ class ImageSet:
 
     def __call__(self, k: int) -> dict:
         """Sample k: images visited in a fresh random order each pass, a random template and flip."""
-        n = len(self.records)
-        order = torch.randperm(n, generator=item_generator(self.seed, -1 - k // n))
-        i = int(order[k % n])
+        i = pass_order_index(self.seed, k, len(self.records))
         g = item_generator(self.seed, k)
         template = self.templates[int(torch.randint(len(self.templates), (1,), generator=g))]
         if self.captions is not None:

@@ -33,6 +33,12 @@ class IndexedStream(IterableDataset):
             step += workers
 
 
+def pass_order_index(seed: int, k: int, n: int) -> int:
+    """Which of n items sample k is, visiting the items in a fresh random order each pass."""
+    order = torch.randperm(n, generator=item_generator(seed, -1 - k // n))
+    return int(order[k % n])
+
+
 def item_generator(seed: int, index: int) -> torch.Generator:
     """A generator for sample `index` of a stream seeded by `seed`."""
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63))

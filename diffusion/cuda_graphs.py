@@ -9,8 +9,8 @@ compilation; capturing takes about a second per signature.
 A signature is the inputs' shapes and dtypes, whether gradients are on and which inputs need them.
 The UNet's weights are frozen, so the only gradients are those of its inputs (a prompt's text
 states). The graphed UNet runs in its weights' dtype with autocast off, as diffusers' pipelines
-run it. Attention processors other than diffusers' own (AttentionHub records maps in Python) and
-calls with cross_attention_kwargs run eager.
+run it. Attention processors other than diffusers' own (AttentionHub records maps in Python), a UNet
+whose weights have started training, and calls with cross_attention_kwargs run eager.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class UNetGraphs:
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None) -> torch.Tensor:
-        if not self.plain_attention():
+        if not self.plain_attention() or any(p.requires_grad for p in self.unet.parameters()):
             return self.unet(sample.to(self.unet.dtype), timestep, encoder_hidden_states=encoder_hidden_states,
                              added_cond_kwargs=added_cond_kwargs).sample
         dtype = self.unet.dtype

@@ -93,7 +93,8 @@ class PlaceholderTokens(nn.Module):
     """
 
     def __init__(self, backbone, token: str, num_vectors: int = 1, initializer: str | None = None,
-                 train_existing: bool = False, encoders: Sequence[int] | None = None, init_std: float | None = None):
+                 train_existing: bool = False, encoders: Sequence[int] | None = None, init_std: float | None = None,
+                 init_seed: int = 0):
         super().__init__()
         if not token or not token.strip():
             raise ConfigError("token.name is empty; give the placeholder a name such as '<my-concept>'")
@@ -113,7 +114,8 @@ class PlaceholderTokens(nn.Module):
             embedding = encoder.get_input_embeddings()
             if not train_existing:
                 with torch.no_grad():
-                    embedding.weight[ids] = self._initial_rows(tokenizer, embedding, initializer, len(ids), init_std)
+                    embedding.weight[ids] = self._initial_rows(tokenizer, embedding, initializer, len(ids), init_std,
+                                                               init_seed)
             self.rows.append(TokenRows(embedding, ids))
         if train_existing:
             self.names = vector_names(token, len(self.rows[0].token_ids)) if len(self.rows[0].token_ids) > 1 else [token]
@@ -146,12 +148,12 @@ class PlaceholderTokens(nn.Module):
         return ids[0]
 
     @classmethod
-    def _initial_rows(cls, tokenizer, embedding, initializer, n, init_std) -> torch.Tensor:
+    def _initial_rows(cls, tokenizer, embedding, initializer, n, init_std, init_seed=0) -> torch.Tensor:
         weight = embedding.weight.detach()
         if initializer:
             return weight[cls._initializer_id(tokenizer, initializer)].expand(n, -1).clone()
         std = init_std if init_std is not None else weight.float().std().item()
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(init_seed)  # tokens learnt together need different starts
         rows = torch.randn(n, weight.shape[1], generator=g, device="cpu")  # the same start on every device
         return (rows * std).to(weight.device, weight.dtype)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from diffusion.backbone import SD_BETAS, SD_DDIM
 from diffusion.clip_tokenizer import write_clip_tokenizer
 from utils.errors import ConfigError
+from utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +216,11 @@ class PretrainModule(L.LightningModule):
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         out = Path(out_dir) / "pipeline"
-        staging = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=".pipeline-"))
-        pipe.save_pretrained(staging)
-        for config in staging.glob("*/config.json"):  # the folder it was loaded from is no part of the model
-            data = json.loads(config.read_text())
-            if data.pop("_name_or_path", None) is not None:
-                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            import shutil
-            shutil.rmtree(out)
-        staging.rename(out)
+        with atomic_dir(out) as staging:
+            pipe.save_pretrained(staging)
+            for config in staging.glob("*/config.json"):  # the folder it was loaded from is no part of the model
+                data = json.loads(config.read_text())
+                if data.pop("_name_or_path", None) is not None:
+                    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         log.info("exported the EMA pipeline to %s", out)
         return [out]

@@ -19,6 +19,8 @@ def auto_precision() -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("auto_precision"):
         OmegaConf.register_new_resolver("auto_precision", auto_precision)
+    if not OmegaConf.has_resolver("sum"):  # ${sum:${a},${b}}: a run's length from its stages
+        OmegaConf.register_new_resolver("sum", lambda *values: sum(int(v) for v in values))
 
 
 def instantiate_list(cfg: DictConfig | None) -> list:

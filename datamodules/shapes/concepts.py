@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from PIL import Image
 
 from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import CONCEPTS, Scene, concept_scene, contrasting_backgrounds
-from utils.io import write_json
+from utils.io import atomic_dir, write_json
 
 REFERENCE_RENDERS = 5  # "a reference set of 4-5 renders" per concept
 
@@ -44,24 +42,20 @@ def write_reference_set(name: str, out_dir: str | Path, resolution: int = 64, se
     """Write one concept's set under out_dir/name (replaced whole, through a temporary folder)."""
     if name not in CONCEPTS:
         raise KeyError(f"unknown concept {name!r}; the world's concepts are {sorted(CONCEPTS)}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}-"))
-    (staging / "images").mkdir()
-    (staging / "masks").mkdir()
-    captions = {}
-    for i, scene in enumerate(reference_scenes(name, seed=seed)):
-        image, masks = render_scene(scene, resolution)
-        stem = f"{i:02d}"
-        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(pixels).save(staging / "images" / f"{stem}.png")
-        Image.fromarray(((masks[0] >= 0.5).numpy() * 255).astype(np.uint8)).save(staging / "masks" / f"{stem}.png")
-        captions[stem] = reference_caption(scene)
-    write_json(staging / "images" / "captions.json", captions)
-    final = out_dir / name
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    final = Path(out_dir) / name
+    with atomic_dir(final) as staging:
+        (staging / "images").mkdir()
+        (staging / "masks").mkdir()
+        captions = {}
+        for i, scene in enumerate(reference_scenes(name, seed=seed)):
+            image, masks = render_scene(scene, resolution)
+            stem = f"{i:02d}"
+            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(staging / "images" / f"{stem}.png")
+            mask = ((masks[0] >= 0.5).numpy() * 255).astype(np.uint8)
+            Image.fromarray(mask).save(staging / "masks" / f"{stem}.png")
+            captions[stem] = reference_caption(scene)
+        write_json(staging / "images" / "captions.json", captions)
     return final
 
 

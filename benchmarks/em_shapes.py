@@ -1,7 +1,7 @@
 """Concepts and masks learned jointly on the shapes world: mask IoU over EM rounds and concept fidelity,
 for EM vs fixed initial masks vs ground-truth masks (the paper's Fig. 3 and its generation comparison).
 
-    python benchmarks/em_shapes.py train --out runs/em [--only em fixed] [overrides ...]
+    python benchmarks/em_shapes.py train --out runs/em [--only em,fixed] [overrides ...]
     python benchmarks/em_shapes.py evaluate --out runs/em          # -> runs/em/results.json
 
 `train` runs train.py method=em_mask for each variant on the 10 two-object scenes of
@@ -145,7 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", choices=("train", "evaluate"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", nargs="*", default=[], help="train only these variants")
+    parser.add_argument("--only", type=lambda text: text.split(","), default=[],
+                        help="train only these variants, comma-separated (em,fixed)")
     parser.add_argument("--trainer", default="gpu")
     parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps when evaluating")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -216,7 +216,8 @@ def main() -> None:
     parser.add_argument("phase", choices=("train", "evaluate"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=None, help="train.py's max_steps (default: each method's)")
-    parser.add_argument("--only", nargs="*", default=[], help="train / evaluate only these runs")
+    parser.add_argument("--only", type=lambda text: text.split(","), default=[],
+                        help="train / evaluate only these runs, comma-separated")
     parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps when evaluating")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run (after the options)")

@@ -131,6 +131,11 @@ def load_mask(path: Path, resolution: int) -> torch.Tensor:
     return (to_tensor(_square(_open_rgb(path), resolution, Image.NEAREST))[:1] > 0).float()
 
 
+def save_mask(mask: torch.Tensor, path: str | Path) -> None:
+    """[H, W] mask (bool, or coverage in [0, 1] taken at 0.5) -> a black/white PNG that `load_mask` reads."""
+    Image.fromarray(((mask.float() >= 0.5).cpu().numpy() * 255).astype(np.uint8)).save(path)
+
+
 def load_reference_set(images_dir, masks_dir=None, resolution: int = 512, key: str = "references"
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A concept's reference images [R, 3, r, r] in [0, 1] (short side resized, centre-cropped) and their

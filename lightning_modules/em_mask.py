@@ -28,11 +28,10 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from datamodules.image_set import save_mask
 from datamodules.prompts import fill_template
 from datamodules.scenes import concept_tokens
 from diffusion.attention import AttentionStore
@@ -131,10 +130,15 @@ class EMMaskModule(DiffusionModule):
     def stage(self, step: int) -> str:
         return "inversion" if step < self.em_start else "em" if step < self.joint_start else "joint"
 
+    @property
+    def joint_weights(self) -> str:
+        """What the joint stage trains besides the tokens: full | lora | none (also when it has no steps)."""
+        return self.joint["weights"] if int(self.joint["steps"]) > 0 else "none"
+
     def compute_dtype(self) -> torch.dtype:
         """fp32 weights when the joint stage fine-tunes the whole UNet (lr 2e-6 updates vanish in bf16;
         autocast still computes in bf16), else the trainer's precision."""
-        if self.joint["weights"] == "full" and int(self.joint["steps"]) > 0:
+        if self.joint_weights == "full":
             return torch.float32
         return super().compute_dtype()
 
@@ -145,7 +149,7 @@ class EMMaskModule(DiffusionModule):
             raise ConfigError("module.concepts is empty and no scenes name any; list the concept tokens")
         for k, token in enumerate(self.concepts):
             self.tokens.append(PlaceholderTokens(backbone, token, initializer=self.initializer, init_seed=k))
-        weights = self.joint["weights"] if int(self.joint["steps"]) > 0 else "none"
+        weights = self.joint_weights
         if weights == "full":
             self.weight_params = list(backbone.unet.parameters())  # fp32 (compute_dtype)
         elif weights == "lora":
@@ -277,7 +281,7 @@ class EMMaskModule(DiffusionModule):
         for record, masks in zip(self.scenes().records, estimated):
             for token, mask in masks.items():
                 name = f"{record.image.stem}_{token.strip('<>')}.png"
-                Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(folder / name)
+                save_mask(mask, folder / name)
 
     def log_iou(self, estimated: list[dict[str, torch.Tensor]]) -> None:
         """IoU with the ground truth, per token type: of the masks estimated this round from the tokens'
@@ -305,8 +309,8 @@ class EMMaskModule(DiffusionModule):
     # ----- the M-step and the joint stage ---------------------------------------------------------
     def draw_subset(self, tokens: list[str], g: torch.Generator) -> list[str]:
         """A random non-empty subset, in the scene's order (Break-a-Scene)."""
-        k = int(torch.randint(1, len(tokens) + 1, (1,), generator=g))
-        chosen = torch.randperm(len(tokens), generator=g)[:k].sort().values.tolist()
+        k = int(torch.randint(1, len(tokens) + 1, (1,), generator=g, device=g.device))
+        chosen = torch.randperm(len(tokens), generator=g, device=g.device)[:k].sort().values.tolist()
         return [tokens[i] for i in chosen]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -320,7 +324,7 @@ class EMMaskModule(DiffusionModule):
             self.enter_joint_stage()
         index, flip = int(batch["index"][0]), bool(batch["flip"][0])
         record = self.scenes().records[index]
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 65_537 + self.global_rank) % (2 ** 63))
+        g = self.step_generator(offset=1)  # the subset's stream; offset 0 draws the noise
         tokens = self.draw_subset(list(record.concepts), g) if stage != "inversion" else list(record.concepts)
         loss, parts = self.concept_loss(batch["pixel_values"], tokens, index, flip, masked=stage != "inversion")
         for name, value in parts.items():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datamodules.image_set import save_mask
 from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import CONCEPTS, Scene, concept_scene, contrasting_backgrounds
 from utils.io import atomic_dir, write_json
@@ -52,8 +53,7 @@ def write_reference_set(name: str, out_dir: str | Path, resolution: int = 64, se
             stem = f"{i:02d}"
             pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(pixels).save(staging / "images" / f"{stem}.png")
-            mask = ((masks[0] >= 0.5).numpy() * 255).astype(np.uint8)
-            Image.fromarray(mask).save(staging / "masks" / f"{stem}.png")
+            save_mask(masks[0], staging / "masks" / f"{stem}.png")
             captions[stem] = reference_caption(scene)
         write_json(staging / "images" / "captions.json", captions)
     return final

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datamodules.image_set import save_mask
 from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import Scene, SceneSampler
 from utils.io import atomic_dir, write_json
@@ -37,10 +38,6 @@ def two_object_scenes(count: int, seed: int = 0) -> list[Scene]:
     return scenes
 
 
-def _save_mask(mask, path: Path) -> None:
-    Image.fromarray(((mask >= 0.5).numpy() * 255).astype(np.uint8)).save(path)
-
-
 def write_scene_set(out_dir: str | Path, count: int = 10, resolution: int = 64, seed: int = 0) -> Path:
     """Write the set into out_dir (replaced whole, through a temporary folder); return out_dir."""
     out_dir = Path(out_dir)
@@ -54,7 +51,7 @@ def write_scene_set(out_dir: str | Path, count: int = 10, resolution: int = 64, 
             tokens = [f"<s{stem}_c0>", f"<s{stem}_c1>", f"<s{stem}_bg>"]
             background = 1 - masks.sum(0).clamp(max=1)
             for suffix, mask in zip(("c0", "c1", "bg"), (masks[0], masks[1], background)):
-                _save_mask(mask, staging / f"{stem}_{suffix}.png")
+                save_mask(mask, staging / f"{stem}_{suffix}.png")
             attributes = {tok: {"shape": o.shape, "colour": o.colour, "texture": o.texture}
                           for tok, o in zip(tokens, scene.objects)}
             attributes[tokens[2]] = {"background": scene.background}

@@ -9,10 +9,14 @@ or settings compare side by side. devices=N splits the work over N processes (GP
 Slider artifacts (prompt_slider / concept_slider runs, marked by their slider.json) are appended to
 every prompt instead of filling '{}'; `strength` sets their strength (one number, or one per
 artifact to compose several), and `sweep={strength: [...]}` sweeps it.
+
+A residuals run (marked by its residuals.json) fills '{}' with "V* <class>" and adds its residuals;
+`strength` scales them, `lag=true` samples with LAG, and both can be swept (`sweep={lag: [false, true]}`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,8 +53,10 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def artifact_files(artifact) -> list[tuple[Path, dict | None]]:
-    """Each artifact's file (the path itself, or the artifact in a run folder) and its slider.json (None for
-    a textual-inversion artifact). At most one may be a textual inversion ('{}' takes its token)."""
+    """Each artifact's file (the path itself, or the artifact in a run folder) and its slider.json or
+    residuals.json (None for a textual-inversion artifact). At most one artifact may fill '{}' (a textual
+    inversion or a residuals run)."""
+    from diffusion.residuals import read_residual_info
     from diffusion.sliders import read_slider_info
     from utils.errors import ArtifactError, ConfigError
 
@@ -58,15 +64,21 @@ def artifact_files(artifact) -> list[tuple[Path, dict | None]]:
     out = []
     for path in paths:
         p = Path(str(path)).expanduser()
-        info = read_slider_info(p) if p.exists() else None
+        info = (read_slider_info(p) or read_residual_info(p)) if p.exists() else None
         if p.is_dir():
             p = p / (info["file"] if info else ARTIFACT_FILE)
         if not p.is_file():
             raise ArtifactError(f"artifact={path} does not exist; give a run's {ARTIFACT_FILE} (or its run folder)")
         out.append((p, info))
-    if sum(info is None for _, info in out) > 1:
-        raise ConfigError("several textual-inversion artifacts share one '{}'; give at most one (sliders may be many)")
+    if sum(fills_token(info) for _, info in out) > 1:
+        raise ConfigError("several artifacts fill one '{}' (textual inversions, residuals runs); give at most one "
+                          "(sliders may be many)")
     return out
+
+
+def fills_token(info: dict | None) -> bool:
+    """Whether an artifact stands for the '{}' of the prompts (a textual inversion or a residuals run)."""
+    return info is None or info.get("method") == "residuals"
 
 
 def slider_strength(cfg: DictConfig, setting: dict):
@@ -87,14 +99,21 @@ def prepare(cfg: DictConfig):
     suite = MetricSuite({k: hydra.utils.instantiate(v) for k, v in (cfg.metrics or {}).items() if v is not None})
     sweep = Sweep.from_config(cfg.sweep)
     artifacts = artifact_files(cfg.artifact)
-    settings = GENERATION_KEYS + (("strength",) if any(info for _, info in artifacts) else ())
+    residuals = any(info and info.get("method") == "residuals" for _, info in artifacts)
+    settings = GENERATION_KEYS + (("strength",) if any(info for _, info in artifacts) else ()) + (
+        ("lag",) if residuals else ())
     if sweep.name and sweep.name not in settings:
-        raise ConfigError(f"sweep.{sweep.name} is not a sampling setting here; sweep one of {', '.join(settings)}"
-                          f"{'' if 'strength' in settings else ' (strength needs a slider artifact)'}")
-    sliders = sum(info is not None for _, info in artifacts)
+        raise ConfigError(f"sweep.{sweep.name} is not a sampling setting here; sweep one of {', '.join(settings)} "
+                          f"(strength needs a slider or residuals artifact, lag a residuals artifact)")
+    if cfg.lag and not residuals:
+        raise ConfigError("lag=true but no artifact is a residuals run; give a method=residuals run")
+    sliders = sum(not fills_token(info) for _, info in artifacts)
     strength = cfg.strength
-    if strength is not None and not sliders:
-        raise ConfigError("strength is set but no artifact is a slider; give a prompt_slider or concept_slider run")
+    if strength is not None and not sliders and not residuals:
+        raise ConfigError("strength is set but no artifact is a slider or residuals run; give a prompt_slider, "
+                          "concept_slider or residuals run")
+    if strength is not None and residuals and OmegaConf.is_list(strength):
+        raise ConfigError("strength of a residuals run is one number; a list is for composing sliders")
     if OmegaConf.is_list(strength) and len(strength) != sliders:
         raise ConfigError(f"strength has {len(strength)} values for {sliders} sliders; give one per slider artifact")
     references = masks = None
@@ -114,6 +133,7 @@ def run(cfg: DictConfig, fabric) -> dict:
 
     from datamodules.prompts import fill_template
     from diffusion.backbone import load_backbone
+    from diffusion.residuals import load_residuals
     from diffusion.sampling import generate
     from diffusion.sliders import SliderSet, load_slider
     from diffusion.tokens import load_embeddings
@@ -126,11 +146,15 @@ def run(cfg: DictConfig, fabric) -> dict:
     suite, sweep, references, masks, fields, templates, texts, artifacts = prepare(cfg)
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     backbone = load_backbone(**{k: v for k, v in cfg.model.items() if k != "dtype"}, dtype=dtype).to(device)
-    token, sliders = None, SliderSet()
+    token, sliders, residual = None, SliderSet(), None
     for path, info in artifacts:
         if info is None:
             token = " ".join(load_embeddings(backbone, path, token=cfg.token))
             log.info("loaded %s from %s", token, path)
+        elif info["method"] == "residuals":
+            residual, token = load_residuals(backbone, path)
+            log.info("loaded residuals on %s (%d parameters) for %s from %s", info["targets"], info["parameters"],
+                     token, path.parent)
         else:
             sliders.sliders.append(load_slider(backbone, path))
             log.info("loaded %s slider %s from %s", info["method"], info.get("slider", ""), path)
@@ -140,9 +164,16 @@ def run(cfg: DictConfig, fabric) -> dict:
 
     def render(batch_prompts: list[str], seeds: list[int], setting: dict) -> torch.Tensor:
         setting = dict(setting)
-        with sliders.strengths(slider_strength(cfg, setting) if sliders.sliders else None):
-            setting.pop("strength", None)
-            return generate(backbone, batch_prompts, seed=seeds, encode=sliders.encoder(backbone),
+        strength = slider_strength(cfg, setting)
+        setting.pop("strength", None)
+        lag = bool(setting.pop("lag", cfg.lag))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(sliders.strengths(strength if sliders.sliders else None))
+            hub = None
+            if residual is not None:
+                hub = stack.enter_context(residual.applied(batch_prompts, lag=lag,
+                                                           strength=1.0 if strength is None else float(strength)))
+            return generate(backbone, batch_prompts, seed=seeds, encode=sliders.encoder(backbone), hub=hub,
                             **{**generation, **setting})
 
     jobs = plan(prompts, texts, cfg.seeds, sweep)

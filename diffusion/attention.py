@@ -11,7 +11,7 @@ Batch layout during classifier-free guidance (the sampler sets `state.cfg`): [un
 within each half sample 0 is the source prompt and the others are edited prompts (prompt-to-prompt).
 
 Also here: separate key / value text inputs for cross-attention (`value_hidden_states`, used by
-StyleDiffusion) and `MaskedBlend`, which mixes two versions of a layer under an attention mask (LAG).
+StyleDiffusion) and `TokenMask`, the per-block attention masks of LAG (diffusion/residuals.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import difflib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -479,16 +479,22 @@ class AttentionReweight(PromptToPromptEdit):
         return edited * self.equalizer.to(source.device, source.dtype)[:, None, None, :]
 
 
-# ----- masked blending (LAG) ---------------------------------------------------------------------
+# ----- attention masks (LAG) -----------------------------------------------------------------------
 class TokenMask(AttentionController):
     """Per transformer block: the conditional cross-attention of some tokens, binarised at its median.
 
+    The tokens are `token_indices` (key positions shared by the batch, or a [batch, k] tensor) or a
+    `selection` of weights over the keys ([keys], or [batch, keys] when each prompt's concept sits at
+    its own positions); the block's score is the sum of the selected tokens' maps (LAG, Sec. 3.3).
     `mask_for(block_name)` returns [batch, 1, h, w] for the block's latest call (the mask repeats for
     the unconditional half under CFG), or None before the block has run.
     """
 
-    def __init__(self, token_indices: Sequence[int] | torch.Tensor):
-        self.token_indices = token_indices
+    def __init__(self, token_indices: Sequence[int] | torch.Tensor | None = None,
+                 selection: torch.Tensor | None = None):
+        if (token_indices is None) == (selection is None):
+            raise ValueError("give token_indices or selection")
+        self.token_indices, self.selection = token_indices, selection
         self.masks: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -497,11 +503,18 @@ class TokenMask(AttentionController):
     def wants(self, place: Place) -> bool:
         return place.is_cross
 
+    def score(self, cond: torch.Tensor) -> torch.Tensor:
+        """[b, Q, K] conditional maps (heads averaged) -> [b, Q] summed over the chosen tokens."""
+        if self.selection is not None:
+            weights = self.selection.to(cond.device, cond.dtype)
+            return (cond * weights.reshape(-1, 1, cond.shape[-1])).sum(-1)
+        idx = torch.as_tensor(self.token_indices, device=cond.device)
+        if idx.ndim == 1:
+            return cond[..., idx].sum(-1)
+        return torch.stack([cond[i, :, idx[i]].sum(-1) for i in range(cond.shape[0])])
+
     def __call__(self, probs, call):
-        cond = cond_half(probs, call.state).mean(dim=1)  # [b, Q, K]
-        idx = torch.as_tensor(self.token_indices, device=probs.device)
-        score = cond[..., idx].sum(-1) if idx.ndim == 1 else torch.stack(
-            [cond[i, :, idx[i]].sum(-1) for i in range(cond.shape[0])])
+        score = self.score(cond_half(probs, call.state).mean(dim=1))  # [b, Q]
         mask = (score > score.median(dim=-1, keepdim=True).values).to(probs.dtype)
         if call.state.cfg:
             mask = torch.cat([mask, mask])
@@ -510,27 +523,3 @@ class TokenMask(AttentionController):
 
     def mask_for(self, block_name: str) -> torch.Tensor | None:
         return self.masks.get(block_name)
-
-
-class MaskedBlend(nn.Module):
-    """(1 - M) * base(x) + M * alt(x), M from `mask_fn()`; alt(x) everywhere when M is None.
-
-    For LAG, base is a block's frozen proj_out and alt the same layer with the personalized residual;
-    x is [B, C, h, w] (1x1 conv) or [B, h*w, C] (linear) and M is [B, 1, h, w].
-    """
-
-    def __init__(self, base: Callable[[torch.Tensor], torch.Tensor], alt: Callable[[torch.Tensor], torch.Tensor],
-                 mask_fn: Callable[[], torch.Tensor | None]):
-        super().__init__()
-        self.base, self.alt, self.mask_fn = base, alt, mask_fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask_fn()
-        alt = self.alt(x)
-        if mask is None:
-            return alt
-        base = self.base(x)
-        if x.ndim == 3:  # tokens: [B, h*w, C]
-            mask = mask.flatten(2).transpose(1, 2)
-        mask = mask.to(base.dtype)
-        return (1 - mask) * base + mask * alt  # exactly base / alt where the mask is 0 / 1

@@ -27,15 +27,18 @@ TARGETS = {"noxattn": NO_CROSS_ATTENTION}
 
 
 def add_lora(unet, rank: int, alpha: float, targets: str | Sequence[str], adapter_name: str = "default",
-             init: str | bool = True) -> list[torch.nn.Parameter]:
+             init: str | bool = True, rank_pattern: dict[str, int] | None = None,
+             alpha_pattern: dict[str, float] | None = None) -> list[torch.nn.Parameter]:
     """Add a LoRA adapter to `unet`; return its (fp32, trainable) parameters. `targets` is a key of
-    TARGETS, a regex matched against full module names, or a list of module-name suffixes."""
+    TARGETS, a regex matched against full module names, or a list of module-name suffixes;
+    rank_pattern / alpha_pattern give some layers (by name) their own rank and alpha."""
     from peft import LoraConfig
 
     if rank < 1:
         raise ConfigError(f"LoRA rank {rank} must be at least 1")
     target_modules = TARGETS.get(targets, targets) if isinstance(targets, str) else list(targets)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=init)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=init,
+                        rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
     try:
         unet.add_adapter(config, adapter_name=adapter_name)
     except ValueError as e:

@@ -15,7 +15,6 @@ sets each one's strength, `encoder()` is the prompt encoding `generate` should u
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from diffusion.backbone import Backbone, Conditioning
 from diffusion.tokens import TokenRows
 from utils.errors import ArtifactError, ConfigError
+from utils.io import read_info_beside
 
 log = logging.getLogger(__name__)
 SLIDER_INFO = "slider.json"
@@ -131,14 +131,7 @@ class SliderSet:
 
 def read_slider_info(path: str | Path) -> dict | None:
     """The slider.json beside an artifact file (or in a run folder); None for a non-slider artifact."""
-    path = Path(path)
-    info = (path if path.is_dir() else path.parent) / SLIDER_INFO
-    if not info.is_file():
-        return None
-    try:
-        return json.loads(info.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{info} is not valid JSON ({e}); re-export the slider") from None
+    return read_info_beside(path, SLIDER_INFO)
 
 
 def load_slider(backbone: Backbone, path: str | Path, adapter_name: str | None = None) -> TokenSlider | LoraSlider:

@@ -66,3 +66,15 @@ def test_default_job_is_textual_inversion_on_a_shapes_concept(tmp_path):
 def test_evaluate_config_composes(tmp_path):
     cfg = compose_cfg("evaluate", ["model=sdxl"], tmp_path)
     assert cfg.model.kind == "sdxl" and cfg.num_steps == 50 and cfg.guidance_scale == 7.5
+
+
+@pytest.mark.parametrize("model, rare", [("shapes", "ckered"), ("sd14", "sks"), ("sdxl", "sks"), ("tiny", None)])
+def test_residuals_config_has_the_papers_settings(model, rare, tmp_path):
+    """Sec. 4.1: proj_out, r_i = 0.05 m_i, 150 iterations of batch 4 at lr 1e-3; V* from a rare token, frozen;
+    prompts "... V* <macro class> ..."."""
+    cfg = compose_cfg("train", ["method=residuals", f"model={model}"], tmp_path)
+    module = cfg.module
+    assert module._target_.endswith("ResidualModule") and module.targets == "proj_out" and module.rank_ratio == 0.05
+    assert cfg.trainer.max_steps == 150 and cfg.data.batch_size == 4 and module.optimizer.lr == 1e-3
+    assert module.token.initializer == rare and module.token.train is False and module.prior.images_dir is None
+    assert cfg.data.token == f"<v> {cfg.model.initializer_word}"

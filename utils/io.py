@@ -53,6 +53,20 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_info_beside(path: str | Path, name: str) -> dict | None:
+    """The JSON file `name` in a run folder, or beside an artifact file in it; None when there is none."""
+    from utils.errors import ArtifactError
+
+    path = Path(path)
+    info = (path if path.is_dir() else path.parent) / name
+    if not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{info} is not valid JSON ({e}); export the artifact again") from None
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:

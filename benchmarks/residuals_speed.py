@@ -1,0 +1,90 @@
+"""Personalized residuals on full-size random-weight SD1.5: training time and LAG's sampling cost.
+
+    python benchmarks/residuals_speed.py --model sd15_random --out runs/residuals_speed [--repeats 5]
+
+Trains method=residuals with the paper's settings (150 iterations, batch 4, trainer=gpu, bf16) on a
+shapes-world reference set resized to the model's resolution, and reports the wall time of the 150
+steps, the median step and the peak GPU memory (the run's timing.json); the paper's figure is about
+3 minutes on one A100, the target here 60 s. Then times one image (50 DDIM steps, guidance 6, the
+paper's sampling) with the residual everywhere and with LAG, in turns; the target is LAG within 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+
+def train(model: str, run: Path, trainer: str, overrides: list[str]) -> dict:
+    cmd = [sys.executable, "train.py", "method=residuals", f"model={model}", f"trainer={trainer}", "logger=csv",
+           f"data.images_dir={ROOT / 'assets' / 'shapes_concepts' / 'sun_medal' / 'images'}",
+           "data.templates=[\"a photo of a {}\"]", f"hydra.run.dir={run}", "callbacks.sample_grid=null",
+           "callbacks.progress_bar.refresh_rate=0", *overrides]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    timing = json.loads((run / "timing.json").read_text())
+    return {"wall_s": time.time() - start, **timing}
+
+
+def sample(model: str, run: Path, repeats: int) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from diffusion.backbone import load_backbone
+    from diffusion.residuals import load_residuals
+    from diffusion.sampling import generate
+    from utils.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"model={model}"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = load_backbone(**{k: v for k, v in cfg.model.items() if k != "dtype"}, dtype="bfloat16").to(device)
+    sampler, concept = load_residuals(backbone, run)
+    prompts = [f"a photo of a {concept} on the beach"]
+    times: dict[str, list[float]] = {"plain_s": [], "lag_s": []}
+    for r in range(repeats + 1):  # the two take turns; the first round warms up
+        for name, lag in (("plain_s", False), ("lag_s", True)):
+            with sampler.applied(prompts, lag=lag) as hub:
+                sync()
+                start = time.perf_counter()
+                generate(backbone, prompts, num_steps=50, guidance_scale=6.0, hub=hub)
+                sync()
+            if r:
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {**medians, "lag_overhead": medians["lag_s"] / medians["plain_s"] - 1, "repeats": repeats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15_random")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--trainer", default="gpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "residuals_speed")
+    parser.add_argument("overrides", nargs="*", help="extra train.py overrides")
+    args = parser.parse_intermixed_args()
+    run = args.out / f"residuals_{args.model}"
+    result = {"model": args.model, "train": train(args.model, run, args.trainer, args.overrides),
+              "sample": sample(args.model, run, args.repeats)}
+    print(json.dumps(result, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Personalized residuals (Ham et al., paper 002): low-rank offsets on a frozen UNet, and LAG sampling.
+
+For every transformer block i, the output projection W_i (m_i x m_i; a 1x1 conv on SD1.x, linear on
+SD2.x / SDXL) gets a residual dW_i = A_i B_i of rank r_i = 0.05 m_i (Sec. 3.2, 4.1), trained with the
+plain diffusion loss (eq. 1) on a few images captioned "a photo of a V* <macro class>"; V* is a new
+token that starts from a rarely used token's embedding and stays frozen (Sec. 3.2), the base weights
+stay frozen, and no regularisation images are used. 150 iterations, batch 4, lr 1e-3 (Sec. 4.1).
+
+Table 3's ablations are config: `targets` (proj_out | kv | proj_in and '+' combinations),
+`token.train` (update V*), `prior.images_dir` (regularisation images), `rank` (a fixed rank).
+
+Sampling: the residual everywhere (strength `strength`), or LAG (Sec. 3.3, eq. 3): in each block the
+conditional cross-attention of V* and the class token, summed and binarised at its median, decides
+where the residual applies; no extra UNet evaluations (diffusion/residuals.py).
+
+The optimizer is the paper's silent choice: AdamW (the framework's default for every method).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.prior import PriorImages
+from datamodules.prompts import fill_template
+from diffusion.backbone import Backbone
+from diffusion.lora import LORA_FILE, save_lora
+from diffusion.residuals import ADAPTER, INFO_FILE, ResidualSampler, add_residuals
+from diffusion.sampling import generate
+from diffusion.tokens import PlaceholderTokens
+from lightning_modules.base import DiffusionModule
+from utils.errors import ConfigError
+from utils.io import write_json
+
+log = logging.getLogger(__name__)
+EMBEDDINGS_FILE = "learned_embeds.safetensors"
+
+
+class ResidualModule(DiffusionModule):
+    def __init__(self, backbone: dict, optimizer: Callable, token: dict, class_word: str,
+                 lr_scheduler: Callable | None = None, targets: str = "proj_out", rank_ratio: float = 0.05,
+                 rank: int | None = None, init: str = "random", prior: dict | None = None,
+                 sampling: dict | None = None, seed: int = 0):
+        super().__init__(backbone, optimizer, lr_scheduler, seed)
+        self.token_config = {"name": "<v>", "initializer": None, "train": False, **dict(token)}
+        if not class_word or not str(class_word).strip():
+            raise ConfigError("module.class_word is empty; give the concept's macro class (e.g. dog), which "
+                              "the prompts and LAG use")
+        self.class_word = str(class_word)
+        self.targets, self.rank_ratio, self.rank, self.init = targets, rank_ratio, rank, init
+        # regularisation images: off in the paper (Sec. 3.2); weight 1 as DreamBooth's prior loss
+        self.prior_config = {"images_dir": None, "prompt": "a photo of a {}", "weight": 1.0, **dict(prior or {})}
+        # sampling defaults: the residual everywhere at strength 1 (LAG is a sampling-time choice)
+        self.sampling_defaults = {"lag": False, "strength": 1.0, **dict(sampling or {})}
+        self.save_hyperparameters({"backbone": self.backbone_config, "token": self.token_config,
+                                   "class_word": self.class_word, "targets": targets, "rank_ratio": rank_ratio,
+                                   "rank": rank, "init": init, "seed": seed}, logger=False)
+        self.tokens: PlaceholderTokens | None = None
+        self.ranks: dict[str, int] = {}
+        self.prior: PriorImages | None = None
+        self.sampler: ResidualSampler | None = None
+
+    # ----- model ----------------------------------------------------------------------------------
+    def build(self, backbone: Backbone) -> None:
+        cfg = self.token_config
+        self.tokens = PlaceholderTokens(backbone, cfg["name"], initializer=cfg.get("initializer"))
+        for rows in self.tokens.rows:
+            rows.rows.requires_grad_(bool(cfg.get("train")))  # V* frozen (Sec. 3.2) unless the ablation asks
+        params, self.ranks = add_residuals(backbone.unet, self.targets, self.rank_ratio, self.rank, self.init,
+                                           seed=self.seed)
+        log.info("residuals on %d %s layers (ranks %s): %d parameters", len(self.ranks), self.targets,
+                 sorted(set(self.ranks.values())), sum(p.numel() for p in params))
+        self.sampler = ResidualSampler(backbone, self.token_ids(), self.class_word)
+        if self.prior_config["images_dir"]:
+            self.prior = PriorImages(self.prior_config["images_dir"],
+                                     fill_template(self.prior_config["prompt"], self.class_word), backbone.resolution)
+
+    def token_ids(self) -> list[int]:
+        return [int(i) for i in self.tokens.rows[0].token_ids]
+
+    @property
+    def concept(self) -> str:
+        """What stands for the concept in prompts: 'V* <macro class>'."""
+        return f"{self.tokens.token} {self.class_word}"
+
+    def residual_parameter_count(self) -> int:
+        return sum(p.numel() for n, p in self.backbone.unet.named_parameters() if f".{ADAPTER}." in n)
+
+    # ----- training -------------------------------------------------------------------------------
+    def diffusion_loss(self, pixels: torch.Tensor, prompts: Sequence[str], g: torch.Generator) -> torch.Tensor:
+        """eq. (1): || eps - eps_theta(z_t, t, tau(y)) ||^2 with the residuals in the UNet."""
+        backbone = self.backbone
+        latents = backbone.encode_images(pixels, generator=g)
+        noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
+        t = torch.randint(0, backbone.num_train_timesteps, (latents.shape[0],), generator=g, device=self.device)
+        pred = backbone.predict(backbone.add_noise(latents, noise, t), t, backbone.encode_prompt(list(prompts)))
+        return F.mse_loss(pred.float(), backbone.training_target(latents, noise, t).float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        g = self.step_generator()
+        loss = self.diffusion_loss(batch["pixel_values"], batch["prompt"], g)
+        self.log("train/concept", loss.detach(), batch_size=len(batch["prompt"]))
+        if self.prior is not None:
+            pixels, prompts = self.prior.draw(len(batch["prompt"]), self.step_generator(offset=1), self.device)
+            prior = self.diffusion_loss(pixels, prompts, g)
+            self.log("train/prior", prior.detach(), batch_size=len(prompts))
+            loss = loss + float(self.prior_config["weight"]) * prior
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        return loss
+
+    # ----- sampling -------------------------------------------------------------------------------
+    def sampling_prompt(self, template: str, class_word: str) -> str:
+        """'{}' is the concept: 'V* <macro class>'."""
+        return fill_template(template, self.concept)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: Sequence[int], setting: dict | None = None, num_steps: int = 25,
+               guidance_scale: float = 7.5, negative_prompt: str = "") -> torch.Tensor:
+        """As the base class, with two settings of its own: lag (bool) and strength (the residual's scale)."""
+        setting = {**self.sampling_defaults, **dict(setting or {})}
+        lag, strength = bool(setting.pop("lag")), float(setting.pop("strength"))
+        generation = {"num_steps": num_steps, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
+        unknown = sorted(set(setting) - set(generation))
+        if unknown:
+            raise ConfigError(f"ResidualModule has no sampling setting {unknown}; use lag, strength or a generation "
+                              f"setting (num_steps, guidance_scale, negative_prompt)")
+        generation.update(setting)
+        with self.sampler.applied(prompts, lag=lag, strength=strength) as hub:
+            return generate(self.backbone, prompts, seed=list(seeds), hub=hub, **generation)
+
+    # ----- artifacts ------------------------------------------------------------------------------
+    def export_artifacts(self, out_dir: str | Path) -> list[Path]:
+        out = Path(out_dir)
+        weights = save_lora(out / LORA_FILE, self.backbone.unet, sdxl=self.backbone.is_sdxl, adapter_name=ADAPTER)
+        meta = {"method": "residuals", "backbone": str(self.backbone_config.get("path")), "step": self.global_step}
+        embeds = self.tokens.save(out / EMBEDDINGS_FILE, sdxl=self.backbone.is_sdxl, metadata=meta)
+        info = out / INFO_FILE
+        write_json(info, {**meta, "file": LORA_FILE, "embeddings": EMBEDDINGS_FILE, "adapter_name": ADAPTER,
+                          "token": self.tokens.token, "class_word": self.class_word, "targets": self.targets,
+                          "init": self.init, "ranks": self.ranks, "parameters": self.residual_parameter_count(),
+                          "token_trained": bool(self.token_config.get("train"))})
+        log.info("wrote %s (%d residual parameters), %s and %s", weights, self.residual_parameter_count(), embeds, info)
+        return [weights, embeds, info]
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        if self.tokens is not None:
+            self.tokens.write_back()  # plain sampling after training reads V*'s row

@@ -7,11 +7,11 @@ comparison), 20 prompts x 5 seeds, the same seeds for every method.
     python benchmarks/residuals_shapes.py params                             # SD1.4 parameter counts per target
 
 `train` runs train.py for each concept (its 5 reference renders in assets/shapes_concepts/<concept>)
-and method: residuals (proj_out, the paper's defaults), kv (the same on cross-attention K/V) and
-textual_inversion (the framework's recipe). `evaluate` runs evaluate.py on every run with
-metrics=shapes_concept (the probes' attribute accuracy, and the concept's identity) over
-assets/prompts/personalization_eval.txt (10 new backgrounds, 10 added objects), the residual runs with
-`sweep={lag:[false,true]}`, and gathers the rows.
+and method: residuals (proj_out, the paper's defaults), kv (the same on cross-attention K/V),
+textual_inversion (the framework's recipe), and on request residuals_zero (zero-initialised B).
+`evaluate` runs evaluate.py on every run with metrics=shapes_concept (the probes' attribute accuracy,
+and the concept's identity) over assets/prompts/personalization_eval.txt (10 new backgrounds, 10 added
+objects), the residual runs with `sweep={lag:[false,true]}`, and gathers the rows.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ METHODS = {  # name -> train.py overrides
     "residuals": ["method=residuals"],
     "kv": ["method=residuals", "module.targets=kv"],
     "textual_inversion": ["method=textual_inversion"],
+    "residuals_zero": ["method=residuals", "module.init=zero"],  # B = 0 at the start instead of random
 }
 PROMPTS = ROOT / "assets" / "prompts" / "personalization_eval.txt"
 SEEDS = "[0,1,2,3,4]"
@@ -110,7 +111,8 @@ def main() -> None:
     parser.add_argument("phase", choices=("train", "evaluate", "params"))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "residuals")
     parser.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS))
-    parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS))
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS)[:3],
+                        help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--trainer", default="default")
     parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps when evaluating")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (after the options)")

@@ -68,7 +68,7 @@ CondSchedule = Callable[[int, int], Conditioning]  # (step index, timestep) -> t
 
 @torch.no_grad()
 def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: torch.Tensor,
-                uncond: Conditioning | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
+                uncond: Conditioning | CondSchedule | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
                 eta: float = 0.0, start_step: int = 0, stop_step: int | None = None,
                 generator: torch.Generator | None = None, hub: AttentionHub | None = None,
                 cross_attention_kwargs: dict | None = None,
@@ -77,7 +77,8 @@ def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: 
     """Denoise `latents` from step `start_step` to `stop_step` (default: the end) of an N-step DDIM run.
 
     Partial denoising stops early (Prompt / Concept Sliders); `step_callback(i, latents)` may
-    return replacement latents (e.g. local blending); `cond` may change with the step (a schedule).
+    return replacement latents (e.g. local blending); `cond` and `uncond` may change with the step
+    (schedules: a null-text inversion's unconditional embeddings).
     Deterministic for a given generator.
     """
     schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
@@ -88,7 +89,8 @@ def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: 
         if hub is not None:
             hub.state.step, hub.state.num_steps = i, num_steps
         c = cond(i, int(schedule.timesteps[i])) if callable(cond) else cond
-        eps = guided_epsilon(backbone, x, t, c, uncond, guidance_scale, hub, cross_attention_kwargs)
+        u = uncond(i, int(schedule.timesteps[i])) if callable(uncond) else uncond
+        eps = guided_epsilon(backbone, x, t, c, u, guidance_scale, hub, cross_attention_kwargs)
         noise = None
         if eta:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)

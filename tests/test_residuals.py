@@ -239,3 +239,20 @@ def test_evaluate_sweeps_lag_on_a_residual_run(residual_run, tiny_dir, tmp_path)
                  f"hydra.run.dir={out}")
     samples = json.loads((out / "samples.json").read_text())["samples"]
     assert [s["lag"] for s in samples] == [False, True] and samples[0]["prompt"] == "a photo of a <v> cat"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strength=[1,2]"], "strength of a residuals run is one number"),
+    (["sweep={eta:[0,1]}"], "sweep.eta is not a sampling setting here"),
+])
+def test_evaluate_bad_residual_settings_are_one_line(residual_run, tiny_dir, tmp_path, overrides, message):
+    proc = run_evaluate("model=tiny", f"model.path={tiny_dir}", f"artifact={residual_run}", "metrics=none",
+                        *overrides, f"hydra.run.dir={tmp_path / 'eval'}", expect_ok=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+def test_evaluate_lag_needs_a_residual_run(tiny_dir, tmp_path):
+    proc = run_evaluate("model=tiny", f"model.path={tiny_dir}", "metrics=none", "lag=true",
+                        f"hydra.run.dir={tmp_path / 'eval'}", expect_ok=False)
+    assert proc.returncode == 2 and "lag=true but no artifact is a residuals run" in proc.stderr

@@ -10,7 +10,6 @@ file's name instead of mid-run.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader
 from datamodules.prompts import resolve_templates
 from datamodules.stream import IndexedStream, item_generator, pass_order_index, stream_position
 from utils.errors import DataError
+from utils.io import read_json
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -93,10 +93,7 @@ def read_captions(images_dir, records: Sequence[ImageRecord]) -> list[str]:
     if not path.is_file():
         raise DataError(f"data.templates=captions needs {path} (image stem -> caption with '{{}}'); "
                         f"add it or use a template set such as 'object'")
-    try:
-        captions = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+    captions = read_json(path, DataError)
     out = []
     for r in records:
         text = captions.get(r.image.stem) if isinstance(captions, dict) else None

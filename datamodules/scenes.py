@@ -14,7 +14,6 @@ which of its concepts a step trains is the module's choice.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader
 from datamodules.image_set import load_image, load_mask
 from datamodules.stream import IndexedStream, item_generator, pass_order_index, stream_position
 from utils.errors import DataError
+from utils.io import read_json
 
 log = logging.getLogger(__name__)
 SCENES_FILE = "scenes.json"
@@ -44,10 +44,7 @@ def scan_scenes(scenes_dir: str | Path) -> list[SceneRecord]:
     index = root / SCENES_FILE
     if not index.is_file():
         raise DataError(f"{index} not found; a scenes folder holds {SCENES_FILE} (see datamodules/scenes.py)")
-    try:
-        entries = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{index} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    entries = read_json(index, DataError)
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{index} must be a non-empty list of scenes")
     records = []

@@ -42,7 +42,7 @@ from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone
 from diffusion.sampling import ddim_invert
 from utils.errors import DataError
-from utils.io import write_safetensors
+from utils.io import read_json, write_safetensors
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when what a cache file holds changes
@@ -73,10 +73,7 @@ def read_prompts(path: Path, records: Sequence[ImageRecord]) -> list[str]:
     """Each image's source prompt from a JSON file {image stem: prompt}."""
     if not path.is_file():
         raise DataError(f"{path} does not exist; add a JSON file mapping each image's stem to its source prompt")
-    try:
-        prompts = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); fix it") from None
+    prompts = read_json(path, DataError)
     if not isinstance(prompts, dict):
         raise DataError(f"{path} must hold one JSON object {{image stem: source prompt}}")
     out = []

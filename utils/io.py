@@ -53,18 +53,21 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json(path: str | Path, error: type[Exception]) -> Any:
+    """The content of a JSON file; `error` (a one-line project error) naming the file if it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); fix or rewrite the file") from None
+
+
 def read_info_beside(path: str | Path, name: str) -> dict | None:
     """The JSON file `name` in a run folder, or beside an artifact file in it; None when there is none."""
     from utils.errors import ArtifactError
 
     path = Path(path)
     info = (path if path.is_dir() else path.parent) / name
-    if not info.is_file():
-        return None
-    try:
-        return json.loads(info.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{info} is not valid JSON ({e}); export the artifact again") from None
+    return read_json(info, ArtifactError) if info.is_file() else None
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

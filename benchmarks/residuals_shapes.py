@@ -4,6 +4,7 @@ comparison), 20 prompts x 5 seeds, the same seeds for every method.
 
     python benchmarks/residuals_shapes.py train --out runs/residuals [--concepts sun_medal,moon_token] [overrides]
     python benchmarks/residuals_shapes.py evaluate --out runs/residuals      # -> runs/residuals/results.json
+    python benchmarks/residuals_shapes.py lag_masks --out runs/residuals     # LAG masks vs the true masks
     python benchmarks/residuals_shapes.py params                             # SD1.4 parameter counts per target
 
 `train` runs train.py for each concept (its 5 reference renders in assets/shapes_concepts/<concept>)
@@ -11,7 +12,7 @@ and method: residuals (proj_out, the paper's defaults), kv (the same on cross-at
 textual_inversion (the framework's recipe), and on request residuals_zero (zero-initialised B).
 `evaluate` runs evaluate.py on every run with metrics=shapes_concept (the probes' attribute accuracy,
 and the concept's identity) over assets/prompts/personalization_eval.txt (10 new backgrounds, 10 added
-objects), the residual runs with `sweep={lag:[false,true]}`, and gathers the rows.
+objects), the proj_out residual runs with `sweep={lag:[false,true]}`, and gathers the rows.
 """
 
 from __future__ import annotations
@@ -72,14 +73,17 @@ def evaluate(out: Path, concepts: list[str], methods: list[str], num_steps: int)
         for method in methods:
             run_dir, eval_dir = out / concept / method, out / concept / f"{method}_eval"
             if not (eval_dir / "metrics.json").is_file():
-                sweep = ["sweep={lag:[false,true]}"] if method != "textual_inversion" else []
+                # LAG masks proj_out residuals; K/V residuals and a token have nothing it acts on
+                sweep = ["sweep={lag:[false,true]}"] if method in ("residuals", "residuals_zero") else []
                 seconds = run(["evaluate.py", f"artifact={run_dir}", "metrics=shapes_concept",
                                f"metrics.identity.concept={concept}", f"prompts_file={PROMPTS}", f"seeds={SEEDS}",
                                f"num_steps={num_steps}", "batch_size=50", f"hydra.run.dir={eval_dir}", *sweep],
                               out / f"{concept}_{method}.eval.log")
                 print(f"{concept} {method}: evaluated in {seconds:.0f} s", flush=True)
             for row in json.loads((eval_dir / "metrics.json").read_text())["rows"]:
-                name = method if "lag" not in row else f"{method}{' + LAG' if row['lag'] else ''}"
+                if method == "kv" and row.get("lag"):
+                    continue  # LAG leaves K/V residuals as they are: the same images as without it
+                name = method if not row.get("lag") else f"{method} + LAG"
                 results["rows"].append({"concept": concept, "method": name, **{k: row[k] for k in COLUMNS}})
     table: dict = {}
     for row in results["rows"]:
@@ -89,6 +93,49 @@ def evaluate(out: Path, concepts: list[str], methods: list[str], num_steps: int)
     for method, means in results["mean"].items():
         print(f"{method:24s}", "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in means.items()), flush=True)
     return results
+
+
+def lag_masks(out: Path, concepts: list[str], num_timesteps: int = 20) -> dict:
+    """How well LAG's masks find the concept: on each concept's reference renders (noised at random
+    timesteps, prompted with their own captions), the IoU of each block's median-split V* + class mask
+    with the true mask, and the share of the concept's pixels inside the mask (0.5 by chance: the mask
+    is half of the image)."""
+    import torch
+
+    from datamodules.image_set import load_reference_set
+    from diffusion.backbone import load_backbone
+    from diffusion.masks import mask_iou
+    from diffusion.residuals import load_residuals
+
+    rows = {}
+    for concept in concepts:
+        backbone = load_backbone(str(ROOT / "models" / "shapes"))
+        sampler, token = load_residuals(backbone, out / concept / "residuals")
+        folder = ROOT / "assets" / "shapes_concepts" / concept
+        images, masks = load_reference_set(folder / "images", folder / "masks", resolution=backbone.resolution)
+        captions = json.loads((folder / "images" / "captions.json").read_text())
+        prompts = [captions[f"{i:02d}"].replace("{}", token) for i in range(len(images))]
+        g = torch.Generator().manual_seed(0)
+        ious, recall, share = [], [], []
+        with torch.no_grad(), sampler.applied(prompts, lag=True) as hub:
+            token_mask = hub.controllers[0]
+            latents = backbone.encode_images(images * 2 - 1, generator=g)
+            for _ in range(num_timesteps):
+                t = torch.randint(0, backbone.num_train_timesteps, (1,), generator=g).expand(len(images))
+                noisy = backbone.add_noise(latents, torch.randn(latents.shape, generator=g), t)
+                backbone.predict(noisy, t, backbone.encode_prompt(prompts))
+                for block, mask in token_mask.masks.items():
+                    size = mask.shape[-1]
+                    truth = torch.nn.functional.adaptive_avg_pool2d(masks, size) >= 0.5
+                    for m, tr in zip(mask.bool(), truth):
+                        ious.append(mask_iou(m[0], tr[0]))
+                        recall.append(float((m & tr).sum() / tr.sum().clamp(min=1)))
+                        share.append(float(tr.float().mean()))
+        rows[concept] = {"iou": statistics.fmean(ious), "concept_in_mask": statistics.fmean(recall),
+                         "concept_share": statistics.fmean(share)}
+        print(concept, json.dumps({k: round(v, 3) for k, v in rows[concept].items()}), flush=True)
+    (out / "lag_masks.json").write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 def params() -> None:
@@ -108,7 +155,7 @@ def params() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("train", "evaluate", "params"))
+    parser.add_argument("phase", choices=("train", "evaluate", "lag_masks", "params"))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "residuals")
     parser.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS))
     parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS)[:3],
@@ -121,6 +168,8 @@ def main() -> None:
         train(args.out, args.concepts, args.methods, args.overrides, args.trainer)
     elif args.phase == "evaluate":
         evaluate(args.out, args.concepts, args.methods, args.num_steps)
+    elif args.phase == "lag_masks":
+        lag_masks(args.out, args.concepts)
     else:
         params()
 

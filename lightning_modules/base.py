@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone, check_backbone_path, dtype_for_precision, load_backbone, resolve_dtype
@@ -90,6 +91,18 @@ class DiffusionModule(L.LightningModule):
         """A generator seeded by (seed, global step, rank): resumed runs draw the same numbers."""
         seed = (self.seed * 1_000_003 + self.global_step * 65_537 + self.global_rank * 257 + offset) % (2 ** 63)
         return torch.Generator(device=self.device).manual_seed(seed)
+
+    def diffusion_loss(self, pixels: torch.Tensor, prompts: Sequence[str],
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """The latent diffusion loss || eps - eps_theta(z_t, t, c(y)) ||^2 (the v / epsilon target the
+        scheduler predicts) of images in [-1, 1] under their prompts, with one random timestep each;
+        noise and timesteps come from `generator` (default: this step's)."""
+        backbone, g = self.backbone, generator or self.step_generator()
+        latents = backbone.encode_images(pixels, generator=g)
+        noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
+        t = torch.randint(0, backbone.num_train_timesteps, (latents.shape[0],), generator=g, device=self.device)
+        pred = backbone.predict(backbone.add_noise(latents, noise, t), t, backbone.encode_prompt(list(prompts)))
+        return F.mse_loss(pred.float(), backbone.training_target(latents, noise, t).float())
 
     # ----- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -6,6 +6,7 @@ runs in stages by step:
   inversion  [0, I)          optional warm start: unmasked textual inversion of a scene's tokens
   em         [I, I + E)      M-step: tokens under the current masks, eq. (3) + lambda * eq. (4);
                              E-step every `em.every` steps: masks from the tokens' cross-attention
+                             (the paper) or, with em.estimate=denoising, from their denoising errors
   joint      [I + E, end)    tokens + UNet weights (full or LoRA) under fixed masks (Break-a-Scene's
                              second phase, lr 2e-6)
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.image_set import save_mask
+from datamodules.prior import PriorImages
 from datamodules.prompts import fill_template
 from datamodules.scenes import concept_tokens
 from diffusion.attention import AttentionStore
@@ -48,6 +50,8 @@ VARIANTS = ("em", "fixed", "ground_truth")
 WEIGHTS = ("full", "lora", "none")
 ATTENTION_LOSSES = ("paper", "break_a_scene")
 ASSIGNMENTS = ("threshold", "argmax")
+ESTIMATES = ("attention", "denoising")
+CONTRASTS = ("leave_one_out", "alone")
 
 
 def downsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -90,19 +94,26 @@ class EMMaskModule(DiffusionModule):
         # ~400 EM steps (Sec. 3); 50 timesteps for the initial masks (Sec. 3, Fig. 2); resolution 16 (Break-a-Scene)
         self.em = {"steps": 400, "every": 50, "timesteps": 50, "update_timesteps": 50, "threshold": 0.5,
                    "attention_resolution": 16, "chunk": 10, "refine": True, "assignment": "threshold",
-                   "background": "attention", **(em or {})}
+                   "background": "attention", "estimate": "attention", "contrast": "leave_one_out",
+                   "denoising_timesteps": [0, 1000], **(em or {})}
         if self.em["background"] not in ("attention", "complement"):
             raise ConfigError(f"module.em.background={self.em['background']!r} is unknown; use attention or complement")
         if self.em["assignment"] not in ASSIGNMENTS:
             raise ConfigError(f"module.em.assignment={self.em['assignment']!r} is unknown; use one of {ASSIGNMENTS}")
+        if self.em["estimate"] not in ESTIMATES:
+            raise ConfigError(f"module.em.estimate={self.em['estimate']!r} is unknown; use one of {ESTIMATES}")
+        if self.em["contrast"] not in CONTRASTS:
+            raise ConfigError(f"module.em.contrast={self.em['contrast']!r} is unknown; use one of {CONTRASTS}")
         # lambda_attn 1e-2: Break-a-Scene's code (the paper gives no weight); eq. (4)'s form: see cross_attention_loss
         self.losses = {"attention_weight": 1e-2, "attention": "paper", **(losses or {})}
         if self.losses["attention"] not in ATTENTION_LOSSES:
             raise ConfigError(f"module.losses.attention={self.losses['attention']!r} is unknown; use one of "
                               f"{ATTENTION_LOSSES}")
         # Break-a-Scene's second phase: 400 steps at lr 2e-6 (tokens and weights), masks fixed
+        # prior preservation needs class images (Break-a-Scene's are sampled from the model): off without a folder
         self.joint = {"steps": 400, "weights": "full", "lr": 2e-6, "token_lr": 2e-6, "lora_rank": 16,
                       "lora_alpha": 16, **(joint or {})}
+        self.joint["prior"] = {"images_dir": None, "prompt": "a photo", "weight": 1.0, **(self.joint.get("prior") or {})}
         if self.joint["weights"] not in WEIGHTS:
             raise ConfigError(f"module.joint.weights={self.joint['weights']!r} is unknown; use one of {WEIGHTS}")
         self.crf = CRFSettings(**(crf or {}))
@@ -117,6 +128,7 @@ class EMMaskModule(DiffusionModule):
         self.iou_log: list[dict] = []
         self.in_joint = False
         self.scene_set = None  # datamodules.scenes.SceneSet: the data module's, unless set directly
+        self.prior: PriorImages | None = None
 
     # ----- model ----------------------------------------------------------------------------------
     @property
@@ -157,6 +169,10 @@ class EMMaskModule(DiffusionModule):
                                           ["to_q", "to_k", "to_v", "to_out.0"], adapter_name="em_joint")
         for p in self.weight_params:
             p.requires_grad_(False)  # trained from the joint stage on
+        prior = self.joint["prior"]
+        if prior["images_dir"] and weights != "none":
+            self.prior = PriorImages(prior["images_dir"], prior["prompt"], backbone.resolution,
+                                     key="module.joint.prior.images_dir")
 
     def token_id(self, token: str) -> int:
         return int(self.tokens[self.concepts.index(token)].rows[0].token_ids[0])
@@ -199,7 +215,7 @@ class EMMaskModule(DiffusionModule):
     def is_global_zero(self) -> bool:
         return self._trainer is None or self.trainer.is_global_zero
 
-    # ----- the E-step: masks from cross-attention -------------------------------------------------
+    # ----- the E-step: masks from cross-attention or from denoising errors ------------------------
     @torch.no_grad()
     def attention_maps(self, image: torch.Tensor, tokens: list[str], num_timesteps: int,
                        g: torch.Generator) -> torch.Tensor:
@@ -223,19 +239,52 @@ class EMMaskModule(DiffusionModule):
             total = maps if total is None else total + maps
         return (total / num_timesteps).permute(2, 0, 1)
 
-    def estimate_masks(self, index: int, num_timesteps: int) -> dict[str, torch.Tensor]:
-        """The scene's masks from its tokens' attention, bool [H, W]: each map scaled to [0, 1] (min to max)
-        and thresholded at em.threshold (the paper), or each pixel given to the concept whose scaled map
-        is highest (em.assignment=argmax); then refined by DenseCRF, dropped when CutLER's IoU rule says so.
-        With em.background=complement the scene's background concept gets what no other concept covers."""
+    @torch.no_grad()
+    def denoising_scores(self, image: torch.Tensor, tokens: list[str], num_timesteps: int,
+                         g: torch.Generator) -> torch.Tensor:
+        """Each token's share of the denoising likelihood [n, h, w] (the EM's own E-step): per latent pixel,
+        how much lower the denoising error (eq. 3 unmasked, channels averaged) is with the token named than
+        without, averaged over `num_timesteps` timesteps drawn from em.denoising_timesteps with noises
+        shared by all prompts. em.contrast: leave_one_out compares all the scene's tokens with all but this
+        one; alone compares the prompt naming only this token with the empty prompt."""
+        backbone = self.backbone
+        if self.em["contrast"] == "alone":
+            pairs = [((), (t,)) for t in tokens]
+        else:
+            pairs = [(tuple(o for o in tokens if o != t), tuple(tokens)) for t in tokens]
+        sets = list(dict.fromkeys(s for pair in pairs for s in pair))
+        conds = [backbone.encode_prompt([self.concept_prompt(list(s)) if s else ""]) for s in sets]
+        latents = backbone.encode_images(image[None].to(self.device), generator=g).float()
+        low, high = (int(v) for v in self.em["denoising_timesteps"])
+        t = torch.randint(low, high, (num_timesteps,), generator=g, device=self.device)
+        errors = torch.zeros(len(sets), *latents.shape[-2:], device=self.device)
+        for chunk in t.split(int(self.em["chunk"])):
+            noise = torch.randn((len(chunk), *latents.shape[1:]), generator=g, device=self.device)
+            clean = latents.expand(len(chunk), -1, -1, -1)
+            noisy, target = backbone.add_noise(clean, noise, chunk), backbone.training_target(clean, noise, chunk)
+            for k, cond in enumerate(conds):
+                pred = backbone.predict(noisy, chunk, cond.expand(len(chunk)))
+                errors[k] += (pred.float() - target.float()).pow(2).mean(1).sum(0)
+        errors /= num_timesteps
+        return torch.stack([errors[sets.index(without)] - errors[sets.index(named)] for without, named in pairs])
+
+    def estimate_masks(self, index: int, num_timesteps: int, estimate: str = "attention") -> dict[str, torch.Tensor]:
+        """The scene's masks, bool [H, W]. From attention (`estimate`): each map scaled to [0, 1] (min to max)
+        and thresholded at em.threshold (the paper), or each pixel given to the concept whose scaled map is
+        highest (em.assignment=argmax). From denoising scores (one unit for all concepts): each pixel to the
+        concept that explains it best (the hard E-step). Then refined by DenseCRF, dropped when CutLER's IoU
+        rule says so. With em.background=complement the background concept gets what no other concept covers."""
         scenes = self.scenes()
         tokens = list(scenes.records[index].concepts)
         image = scenes.images[index]
         g = torch.Generator(self.device).manual_seed(self.seed * 7919 + self.round * 131 + index)
-        maps = self.attention_maps(image, tokens, num_timesteps, g).cpu()
+        estimator = self.denoising_scores if estimate == "denoising" else self.attention_maps
+        maps = estimator(image, tokens, num_timesteps, g).cpu()
         low, high = maps.flatten(1).amin(1)[:, None, None], maps.flatten(1).amax(1)[:, None, None]
         scaled = (maps - low) / (high - low).clamp(min=1e-12)  # a new token's map is nearly flat: stretch it
-        if self.em["assignment"] == "argmax":
+        if estimate == "denoising":
+            binaries = F.one_hot(maps.argmax(0), len(tokens)).permute(2, 0, 1).float()
+        elif self.em["assignment"] == "argmax":
             binaries = F.one_hot(scaled.argmax(0), len(tokens)).permute(2, 0, 1).float()
         else:
             binaries = (scaled >= float(self.em["threshold"])).float()
@@ -252,11 +301,13 @@ class EMMaskModule(DiffusionModule):
 
     def mask_round(self) -> None:
         """Estimate every scene's masks from the current tokens; adopt them when the variant says so;
-        write them as PNGs and log their IoU with the ground truth."""
+        write them as PNGs and log their IoU with the ground truth. The initial masks always come from
+        attention (Sec. 3: new tokens explain nothing yet); re-estimations use em.estimate."""
         scenes = self.scenes()
         first = self.scene_masks is None
         num_timesteps = int(self.em["timesteps"] if first else self.em["update_timesteps"])
-        estimated = [self.estimate_masks(i, num_timesteps) for i in range(len(scenes))]
+        estimate = "attention" if first else self.em["estimate"]
+        estimated = [self.estimate_masks(i, num_timesteps, estimate) for i in range(len(scenes))]
         if first:
             if self.variant == "ground_truth":
                 missing = [(r.image.name, t) for r, m in zip(scenes.records, scenes.masks) for t in r.concepts
@@ -284,8 +335,8 @@ class EMMaskModule(DiffusionModule):
                 save_mask(mask, folder / name)
 
     def log_iou(self, estimated: list[dict[str, torch.Tensor]]) -> None:
-        """IoU with the ground truth, per token type: of the masks estimated this round from the tokens'
-        attention, and of the masks training uses (the same for em; the first or the true ones otherwise)."""
+        """IoU with the ground truth, per token type: of the masks estimated this round from the tokens,
+        and of the masks training uses (the same for em; the first or the true ones otherwise)."""
         scenes = self.scenes()
         means: dict[str, list[float]] = {}
         for kind, sets in (("estimated", estimated), ("used", self.scene_masks)):
@@ -297,7 +348,8 @@ class EMMaskModule(DiffusionModule):
                     role = "background" if token == record.background else "subject"
                     means.setdefault(f"{kind}_{role}", []).append(iou)
                     self.iou_log.append({"round": self.round, "step": self.global_step, "kind": kind,
-                                         "scene": record.image.stem, "token": token, "role": role, "iou": iou})
+                                         "scene": record.image.stem, "token": token, "role": role, "iou": iou,
+                                         "area": float(mask.float().mean())})  # 1.0: a whole-image mask
         for key, values in means.items():
             mean = sum(values) / len(values)
             if self._trainer is not None:
@@ -325,16 +377,25 @@ class EMMaskModule(DiffusionModule):
         index, flip = int(batch["index"][0]), bool(batch["flip"][0])
         record = self.scenes().records[index]
         g = self.step_generator(offset=1)  # the subset's stream; offset 0 draws the noise
-        tokens = self.draw_subset(list(record.concepts), g) if stage != "inversion" else list(record.concepts)
-        loss, parts = self.concept_loss(batch["pixel_values"], tokens, index, flip, masked=stage != "inversion")
+        if stage == "inversion":  # the unmasked warm start: the whole image under all its concepts
+            loss = self.diffusion_loss(batch["pixel_values"], [self.concept_prompt(list(record.concepts))])
+            parts = {"diffusion": loss.detach()}
+        else:
+            tokens = self.draw_subset(list(record.concepts), g)
+            loss, parts = self.concept_loss(batch["pixel_values"], tokens, index, flip)
+        if stage == "joint" and self.prior is not None:  # prior preservation (Break-a-Scene's second phase)
+            pixels, prompts = self.prior.draw(len(batch["index"]), self.step_generator(offset=2), self.device)
+            prior = self.diffusion_loss(pixels, prompts, self.step_generator(offset=3))
+            parts["prior"] = prior.detach()
+            loss = loss + float(self.joint["prior"]["weight"]) * prior
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=1)
         return loss
 
-    def concept_loss(self, pixels: torch.Tensor, tokens: list[str], index: int, flip: bool, masked: bool = True
+    def concept_loss(self, pixels: torch.Tensor, tokens: list[str], index: int, flip: bool
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """eq. (3) + lambda * eq. (4) for the prompt naming `tokens` (unmasked diffusion loss when not masked)."""
+        """eq. (3) + lambda * eq. (4) for the prompt naming `tokens`."""
         backbone, g = self.backbone, self.step_generator()
         latents = backbone.encode_images(pixels, generator=g)
         noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
@@ -342,10 +403,6 @@ class EMMaskModule(DiffusionModule):
         prompt = self.concept_prompt(tokens)
         cond = backbone.encode_prompt([prompt])
         target = backbone.training_target(latents, noise, t)
-        if not masked:
-            pred = backbone.predict(backbone.add_noise(latents, noise, t), t, cond)
-            loss = F.mse_loss(pred.float(), target.float())
-            return loss, {"diffusion": loss.detach()}
         res = int(self.em["attention_resolution"])
         store = AttentionStore(cross=True, blocks=("down", "up"), resolutions=[res],
                                token_indices=self.token_positions(prompt, tokens), with_grad=True)

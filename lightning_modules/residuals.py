@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from datamodules.prior import PriorImages
 from datamodules.prompts import fill_template
@@ -91,22 +90,12 @@ class ResidualModule(DiffusionModule):
         return sum(p.numel() for n, p in self.backbone.unet.named_parameters() if f".{ADAPTER}." in n)
 
     # ----- training -------------------------------------------------------------------------------
-    def diffusion_loss(self, pixels: torch.Tensor, prompts: Sequence[str], g: torch.Generator) -> torch.Tensor:
-        """eq. (1): || eps - eps_theta(z_t, t, tau(y)) ||^2 with the residuals in the UNet."""
-        backbone = self.backbone
-        latents = backbone.encode_images(pixels, generator=g)
-        noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
-        t = torch.randint(0, backbone.num_train_timesteps, (latents.shape[0],), generator=g, device=self.device)
-        pred = backbone.predict(backbone.add_noise(latents, noise, t), t, backbone.encode_prompt(list(prompts)))
-        return F.mse_loss(pred.float(), backbone.training_target(latents, noise, t).float())
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        g = self.step_generator()
-        loss = self.diffusion_loss(batch["pixel_values"], batch["prompt"], g)
+        loss = self.diffusion_loss(batch["pixel_values"], batch["prompt"])  # eq. (1)
         self.log("train/concept", loss.detach(), batch_size=len(batch["prompt"]))
         if self.prior is not None:
             pixels, prompts = self.prior.draw(len(batch["prompt"]), self.step_generator(offset=1), self.device)
-            prior = self.diffusion_loss(pixels, prompts, g)
+            prior = self.diffusion_loss(pixels, prompts, self.step_generator(offset=2))
             self.log("train/prior", prior.detach(), batch_size=len(prompts))
             loss = loss + float(self.prior_config["weight"]) * prior
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from datamodules.prompts import fill_template
 from diffusion.backbone import Backbone
@@ -40,19 +39,8 @@ class TextualInversionModule(DiffusionModule):
                                         initializer=cfg.get("initializer"),
                                         train_existing=cfg.get("train_existing", False))
 
-    def diffusion_loss(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        backbone = self.backbone
-        g = self.step_generator()
-        latents = backbone.encode_images(pixel_values, generator=g)
-        noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
-        t = torch.randint(0, backbone.num_train_timesteps, (latents.shape[0],), generator=g, device=self.device)
-        noisy = backbone.add_noise(latents, noise, t)
-        cond = backbone.encode_prompt([self.tokens.expand(p) for p in prompts])
-        pred = backbone.predict(noisy, t, cond)
-        return F.mse_loss(pred.float(), backbone.training_target(latents, noise, t).float())
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch["pixel_values"], batch["prompt"])
+        loss = self.diffusion_loss(batch["pixel_values"], [self.tokens.expand(p) for p in batch["prompt"]])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 

@@ -156,9 +156,11 @@ def test_gradients_reach_only_what_the_stage_trains(tiny_dir, scenes_dir):
 @pytest.mark.parametrize("variant", ["em", "fixed", "ground_truth"])
 def test_mask_variants_adopt_what_they_should(tiny_dir, scenes_dir, tmp_path, monkeypatch, variant):
     module = em_module(tiny_dir, scenes_dir, tmp_path, masks=variant, joint={"steps": 0})
-    rounds = []
+    module.em["estimate"] = "denoising"
+    rounds, estimates = [], []
 
-    def fake_estimate(index, num_timesteps):
+    def fake_estimate(index, num_timesteps, estimate):
+        estimates.append(estimate)
         record = module.scene_set.records[index]
         full = torch.zeros(64, 64, dtype=torch.bool)
         full[: 8 * (len(rounds) + 1)] = True
@@ -171,6 +173,7 @@ def test_mask_variants_adopt_what_they_should(tiny_dir, scenes_dir, tmp_path, mo
     truth = module.scene_set.masks[0]["<s00_c0>"].sum().item()
     expected = {"em": [512, 1024, 1536], "fixed": [512, 512, 512], "ground_truth": [truth] * 3}[variant]
     assert rounds == expected
+    assert estimates == ["attention"] * 2 + ["denoising"] * 4  # the initial masks always from attention
     iou = json.loads((tmp_path / "masks" / "iou.json").read_text())
     assert len(iou) == 3 * 6 * 2 and {r["role"] for r in iou} == {"subject", "background"}
     used = [r["iou"] for r in iou if r["kind"] == "used" and r["token"] == "<s00_c0>"]
@@ -191,9 +194,25 @@ def test_estimated_masks_come_from_the_tokens_attention(tiny_dir, scenes_dir):
     assert torch.equal(masks["<s00_bg>"], ~(masks["<s00_c0>"] | masks["<s00_c1>"]))
 
 
+@pytest.mark.parametrize("contrast", ["leave_one_out", "alone"])
+def test_denoising_estimate_partitions_the_scene(tiny_dir, scenes_dir, contrast):
+    module = em_module(tiny_dir, scenes_dir, joint={"steps": 0}, em={"refine": False, "contrast": contrast, "chunk": 2})
+    image, tokens = module.scene_set.images[0], list(module.scene_set.records[0].concepts)
+    scores = module.denoising_scores(image, tokens, 3, torch.Generator().manual_seed(0))
+    latent = module.backbone.encode_images(image[None]).shape[-2:]
+    assert scores.shape == (3, *latent) and scores.isfinite().all()
+    masks = module.estimate_masks(0, num_timesteps=3, estimate="denoising")
+    assert set(masks) == set(tokens) and all(m.shape == (64, 64) for m in masks.values())
+    cover = torch.stack([masks[t] for t in tokens]).sum(0)  # each latent pixel to one concept (upsampled)
+    assert cover.le(1).all() and cover.eq(1).float().mean() > 0.9
+
+
 def test_unknown_variant_and_missing_ground_truth_are_errors(tiny_dir, scenes_dir, tmp_path):
     with pytest.raises(ConfigError, match="module.masks='gt'"):
         em_module(tiny_dir, scenes_dir, masks="gt")
+    for key in ("estimate", "contrast"):
+        with pytest.raises(ConfigError, match=f"module.em.{key}='x' is unknown"):
+            em_module(tiny_dir, scenes_dir, em={key: "x"})
     module = em_module(tiny_dir, scenes_dir, masks="ground_truth", joint={"steps": 0},
                        em={"refine": False, "timesteps": 1})
     module.scene_set.masks[1].pop("<s01_bg>")
@@ -202,6 +221,26 @@ def test_unknown_variant_and_missing_ground_truth_are_errors(tiny_dir, scenes_di
 
 
 # ----- end to end -----------------------------------------------------------------------------------
+def test_joint_stage_adds_the_prior_preservation_loss(tiny_dir, scenes_dir, image_folder, monkeypatch):
+    """With class images, the joint stage's loss is eq. (3) + lambda eq. (4) + weight * the class images'
+    plain diffusion loss under their prompt."""
+    prior = {"images_dir": str(image_folder / "images"), "prompt": "a photo", "weight": 0.5}
+    module = em_module(tiny_dir, scenes_dir, em={"steps": 0, "refine": False, "timesteps": 1},
+                       joint={"steps": 2, "weights": "lora", "prior": prior})
+    assert len(module.prior) == 4 and module.stage(0) == "joint"
+    monkeypatch.setattr(module, "enter_joint_stage", lambda: setattr(module, "in_joint", True))
+    module.log = lambda *args, **kwargs: None
+    batch = {"pixel_values": module.scene_set.images[0][None], "index": torch.tensor([0]),
+             "flip": torch.tensor([False])}
+    total = module.training_step(batch, 0)
+    tokens = module.draw_subset(list(module.scene_set.records[0].concepts), module.step_generator(offset=1))
+    concept, _ = module.concept_loss(batch["pixel_values"], tokens, 0, flip=False)
+    pixels, prompts = module.prior.draw(1, module.step_generator(offset=2), module.device)
+    class_loss = module.diffusion_loss(pixels, prompts, module.step_generator(offset=3))
+    assert prompts == ["a photo"] and class_loss > 0
+    torch.testing.assert_close(total, concept + 0.5 * class_loss)
+
+
 def test_em_run_writes_tokens_weights_masks_and_resumes(tiny_dir, scenes_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -3,6 +3,7 @@ for EM vs fixed initial masks vs ground-truth masks (the paper's Fig. 3 and its 
 
     python benchmarks/em_shapes.py train --out runs/em [--only em,fixed] [overrides ...]
     python benchmarks/em_shapes.py evaluate --out runs/em          # -> runs/em/results.json
+    python benchmarks/em_shapes.py localisation --out runs/em      # does the model's attention find objects?
 
 `train` runs train.py method=em_mask for each variant on the 10 two-object scenes of
 assets/shapes_scenes (two subject tokens and a background token each). `evaluate` reads each run's
@@ -141,9 +142,52 @@ def evaluate(out: Path, device: str, num_steps: int) -> dict:
     return results
 
 
+def localisation(device: str, num_timesteps: int = 30) -> dict:
+    """Does the shapes model's cross-attention find objects at all? For each scene, its own caption
+    ("a blue diamond left of a brown star on a teal background"): the mean attention of each object's shape
+    word (and of the background colour word) inside its true region over the mean outside (1 = no
+    localisation), per resolution of the down / up layers, over random timesteps."""
+    from datamodules.scenes import SceneSet, scan_scenes
+    from diffusion.attention import AttentionHub, AttentionStore, word_token_indices
+    from diffusion.backbone import load_backbone
+
+    backbone = load_backbone(str(ROOT / "models" / "shapes")).to(device)
+    records = scan_scenes(SCENES)
+    scenes = SceneSet(records, backbone.resolution, flip_p=0.0)
+    entries = json.loads((SCENES / "scenes.json").read_text())
+    g = torch.Generator(device).manual_seed(0)
+    ratios: dict = {}
+    with AttentionHub(backbone.unet) as hub:
+        for k, (entry, record) in enumerate(zip(entries, records)):
+            a = entry["attributes"]
+            c0, c1, bg = record.concepts
+            prompt = (f"a {a[c0]['colour']} {a[c0]['shape']} left of a {a[c1]['colour']} {a[c1]['shape']} "
+                      f"on a {a[bg]['background']} background")
+            words = {c0: a[c0]["shape"], c1: a[c1]["shape"], bg: a[bg]["background"]}
+            positions = [word_token_indices(backbone.tokenizers[0], prompt, w)[0] for w in words.values()]
+            store = AttentionStore(blocks=("down", "up"), token_indices=positions, average_steps=True)
+            latents = backbone.encode_images(scenes.images[k][None].to(device), generator=g)
+            t = torch.randint(0, backbone.num_train_timesteps, (num_timesteps,), generator=g, device=device)
+            noisy = backbone.add_noise(latents.expand(num_timesteps, -1, -1, -1),
+                                       torch.randn((num_timesteps, *latents.shape[1:]), generator=g, device=device), t)
+            with hub.using(store), torch.no_grad():
+                backbone.predict(noisy, t, backbone.encode_prompt([prompt]).expand(num_timesteps))
+            for res in sorted({hw[0] for hw in store.hw.values()}):
+                maps = store.average(resolution=res).float().mean(0).permute(2, 0, 1).cpu()  # [3, r, r]
+                for i, token in enumerate(words):
+                    truth = torch.nn.functional.adaptive_avg_pool2d(scenes.masks[k][token][None, None].float(),
+                                                                    res)[0, 0] >= 0.5
+                    role = "background" if token == bg else "subject"
+                    ratio = float(maps[i][truth].mean() / maps[i][~truth].mean())
+                    ratios.setdefault(f"{res}x{res}", {}).setdefault(role, []).append(ratio)
+    out = {res: {role: statistics.fmean(v) for role, v in roles.items()} for res, roles in ratios.items()}
+    print(json.dumps(out, indent=2))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("train", "evaluate"))
+    parser.add_argument("phase", choices=("train", "evaluate", "localisation"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", type=lambda text: text.split(","), default=[],
                         help="train only these variants, comma-separated (em,fixed)")
@@ -154,8 +198,10 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     if args.phase == "train":
         train(args.out, args.only, args.overrides, args.trainer)
-    else:
+    elif args.phase == "evaluate":
         evaluate(args.out, args.device, args.num_steps)
+    else:
+        localisation(args.device)
 
 
 if __name__ == "__main__":

@@ -71,14 +71,15 @@ def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: 
                 uncond: Conditioning | CondSchedule | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
                 eta: float = 0.0, start_step: int = 0, stop_step: int | None = None,
                 generator: torch.Generator | None = None, hub: AttentionHub | None = None,
-                cross_attention_kwargs: dict | None = None,
+                cross_attention_kwargs: dict | Callable[[int], dict] | None = None,
                 step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
                 progress: bool = False) -> torch.Tensor:
     """Denoise `latents` from step `start_step` to `stop_step` (default: the end) of an N-step DDIM run.
 
     Partial denoising stops early (Prompt / Concept Sliders); `step_callback(i, latents)` may
     return replacement latents (e.g. local blending); `cond` and `uncond` may change with the step
-    (schedules: a null-text inversion's unconditional embeddings).
+    (schedules: a null-text inversion's unconditional embeddings), and so may the UNet's
+    `cross_attention_kwargs` (a callable of the step index: StyleDiffusion's per-step value inputs).
     Deterministic for a given generator.
     """
     schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
@@ -90,7 +91,8 @@ def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: 
             hub.state.step, hub.state.num_steps = i, num_steps
         c = cond(i, int(schedule.timesteps[i])) if callable(cond) else cond
         u = uncond(i, int(schedule.timesteps[i])) if callable(uncond) else uncond
-        eps = guided_epsilon(backbone, x, t, c, u, guidance_scale, hub, cross_attention_kwargs)
+        kwargs = cross_attention_kwargs(i) if callable(cross_attention_kwargs) else cross_attention_kwargs
+        eps = guided_epsilon(backbone, x, t, c, u, guidance_scale, hub, kwargs)
         noise = None
         if eta:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)

@@ -127,12 +127,14 @@ def test_guided_epsilon_equals_two_separate_calls(tiny):
         eps_c = tiny.predict(x, t, cond)
     assert sizes == [4, 2, 2]
     expected = eps_u + w * (eps_c - eps_u)
-    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
+    # fp32 kernels on a batch of 4 and of 2 differ in the last bits (~1e-6); guidance scales that by 2w + 1
+    tolerance = (2 * w + 1) * 1e-5
+    torch.testing.assert_close(guided, expected, atol=tolerance, rtol=1e-5)
     assert not torch.allclose(eps_u, eps_c, atol=1e-4)
 
     one_step = ddim_sample(tiny, cond, x, uncond, num_steps=4, guidance_scale=w, stop_step=1)
-    manual = schedule.step(x, expected, schedule.alpha(0), schedule.alpha(1))
-    torch.testing.assert_close(one_step, manual, atol=1e-5, rtol=1e-5)
+    manual = schedule.step(x, expected, schedule.alpha(0), schedule.alpha(1))  # linear in eps, coefficient ~1
+    torch.testing.assert_close(one_step, manual, atol=tolerance, rtol=1e-5)
     with torch.no_grad():
         assert torch.equal(guided_epsilon(tiny, x, t, cond, uncond, 1.0), eps_c)
 

@@ -102,14 +102,19 @@ def invert_image(backbone: Backbone, pixels: torch.Tensor, prompt: str, num_step
     """DDIM inversion at guidance 1 of one image [3, H, W] in [-1, 1], recording the conditional
     branch's cross-attention maps (heads averaged) of every step. A hub the module has installed on
     the UNet is stacked over for the duration and comes back after."""
-    device = backbone.device
-    generator = torch.Generator(device).manual_seed(encode_seed)
-    z0 = backbone.encode_images(pixels[None].to(device), generator).float()
-    cond = backbone.encode_prompt([prompt])
-    store = AttentionStore(cross=True, blocks=map_blocks, resolutions=[map_resolution], cond_only=True,
+    generator = torch.Generator(backbone.device).manual_seed(encode_seed)
+    z0 = backbone.encode_images(pixels[None].to(backbone.device), generator).float()
+    return invert_latents(backbone, z0, prompt, num_steps, map_resolution, map_blocks)
+
+
+def invert_latents(backbone: Backbone, z0: torch.Tensor, prompt: str, num_steps: int, map_resolution: int = 16,
+                   map_blocks: Sequence[str] = ("down", "up")) -> Trajectory:
+    """`invert_image` from the image's latents z_0 [1, C, h, w]."""
+    store = AttentionStore(cross=True, blocks=tuple(map_blocks), resolutions=[map_resolution], cond_only=True,
                            average_heads=True)
     with AttentionHub(backbone.unet, [store]) as hub:
-        trajectory = ddim_invert(backbone, z0, cond, num_steps, guidance_scale=1.0, hub=hub)
+        trajectory = ddim_invert(backbone, z0, backbone.encode_prompt([prompt]), num_steps, guidance_scale=1.0,
+                                 hub=hub)
     maps = step_maps(store, map_resolution)[:, 0]
     return Trajectory(torch.cat(trajectory).float().cpu(), maps.float().cpu())
 

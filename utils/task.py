@@ -52,5 +52,5 @@ def refuse_to_overwrite(output_dir: str | Path, resuming: bool, artifacts=("chec
     out = Path(output_dir)
     taken = [a for a in artifacts if (out / a).exists()]
     if taken and not resuming:
-        raise ArtifactError(f"{out} already holds a run ({taken[0]}); choose a new hydra.run.dir or resume with "
-                            f"ckpt_path=<its checkpoint>")
+        resume = " or resume with ckpt_path=<its checkpoint>" if taken[0] == "checkpoints" else ""
+        raise ArtifactError(f"{out} already holds a run ({taken[0]}); choose a new hydra.run.dir{resume}")

@@ -1,0 +1,223 @@
+"""Real-image editing methods compared on the same terms (StyleDiffusion, paper 003, Sec. 4.3).
+
+Every method takes (backbone, z_0 [1, C, h, w], source prompt, target prompt, num_steps,
+guidance_scale, settings) and returns latents [2, C, h, w] = [reconstruction of the source, the edit],
+both rows sampled in one batch with the same start latent, steps and guidance:
+
+- `ddim_word_swap`: DDIM inversion at guidance 1 with the source prompt, then guided sampling of
+  [source, target] from z_N with the plain "" unconditional embedding and no attention control.
+- `sdedit`: z_0 noised to strength s with a seeded generator, then [source, target] denoised from
+  there. The start step is round((1 - s) N): s = 0 runs no step and returns z_0 itself (both rows);
+  s = 1 starts at step 0 from pure noise (no trace of z_0: the text-to-image sample of that seed);
+  in between z_s = sqrt(a) z_0 + sqrt(1 - a) eps with a = alpha_bar of the start step.
+- `null_text_p2p` / `null_text_p2plus`: null-text inversion (methods.md: N = 50, w = 7.5, up to 10
+  Adam steps per sampling step at lr 1e-2 (1 - i/100), warm start, early stop at 1e-5 + i 2e-5), then
+  [source, target] sampled with the per-step unconditional embeddings under a prompt-to-prompt
+  controller: AttentionReplace for equal word counts, else AttentionRefine, cross-attention edited for
+  steps < tau_c N and self-attention for steps < tau_s N (prompt-to-prompt's defaults 0.8 / 0.4:
+  methods.md gives no taus for this baseline). P2Plus also replaces the unconditional branch's
+  self-attention for steps < tau_u N (0.5).
+- `negative_prompt_p2p`: negative-prompt inversion (every step's unconditional embedding is the source
+  prompt's) with the same controller as `null_text_p2p`.
+- `style_diffusion`: the DDIM trajectory of z_0 (guidance 1, 16x16 cross maps), Algorithm 1
+  (`StyleDiffusionModule.fit_image`) on it, then `lightning_modules.style_diffusion.edit` with P2Plus
+  and the authors' code defaults tau_v 0.6, tau_c 0.6, tau_s 0.8, tau_u 0.5. T = 30 in the paper.
+  The image encoder reads `settings.pixels` (the image in [-1, 1]) or, without them, the decoded z_0.
+
+`METHODS` maps each name to its function; `DEFAULT_STEPS` gives each method's step count of the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from diffusion.attention import AttentionHub
+from diffusion.backbone import Backbone
+from diffusion.inversion import negative_prompt_inversion, null_text_inversion
+from diffusion.sampling import DDIMSchedule, ddim_invert, ddim_sample
+from utils.errors import ConfigError
+
+
+@dataclass
+class EditSettings:
+    """What the methods read besides prompts, steps and guidance (each reads only its own part)."""
+
+    controller: str = "auto"  # prompt-to-prompt controller: auto (replace for equal word counts, else refine)
+    tau_c: float = 0.8        # P2P baselines: cross-attention edited for steps < tau_c N
+    tau_s: float = 0.4        # P2P baselines: self-attention replaced for steps < tau_s N
+    tau_u: float = 0.5        # P2Plus (null_text_p2plus): unconditional self-attention for steps < tau_u N
+    strength: float = 0.5     # SDEdit: the noise level z_0 is taken to (0: none, 1: pure noise)
+    seed: int = 0             # SDEdit's noise; StyleDiffusion's mapping-network initialisation
+    null_text: dict = field(default_factory=dict)        # null_text_inversion keyword arguments
+    style_diffusion: dict = field(default_factory=dict)  # see STYLE_DEFAULTS
+    backbone_config: dict | None = None  # StyleDiffusion: the backbone's config (model.*), for the module
+    pixels: torch.Tensor | None = None   # StyleDiffusion: the image [1, 3, H, W] in [-1, 1] for E(x)
+
+    @classmethod
+    def create(cls, settings: "EditSettings | dict | None") -> "EditSettings":
+        if isinstance(settings, cls):
+            return settings
+        return cls(**dict(settings or {}))
+
+
+NULL_TEXT_DEFAULTS = {"inner_steps": 10, "lr": 1e-2, "lr_decay": 1e-2, "early_stop": 1e-5,
+                      "early_stop_growth": 2e-5}
+STYLE_DEFAULTS = {"tau_v": 0.6, "tau_c": 0.6, "tau_s": 0.8, "tau_u": 0.5,
+                  "image_encoder": {"path": None, "build": None},
+                  "inner": {"K": 100, "schedule": "paper"}, "adam": {"preset": "paper"}, "mapping": {},
+                  "early_stop": 1e-5, "early_stop_growth": 2e-5, "attention_weight": 1.0,
+                  "map_resolution": 16, "map_blocks": ("down", "up")}
+
+
+def _pair(backbone: Backbone, source: str, target: str):
+    return backbone.encode_prompt([source]), backbone.encode_prompt([source, target])
+
+
+def _check(z0: torch.Tensor, source: str, target: str) -> None:
+    if z0.ndim != 4 or z0.shape[0] != 1:
+        raise ValueError(f"editing takes one image's latents [1, C, h, w], got {tuple(z0.shape)}")
+    for name, prompt in (("source", source), ("target", target)):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"the {name} prompt is empty; give the words that describe the image")
+
+
+def _controller(backbone: Backbone, source: str, target: str, s: EditSettings, tau_u: float | None):
+    from lightning_modules.style_diffusion import edit_controller
+
+    return edit_controller(backbone.tokenizers[0], source, [target], s.controller, s.tau_c, s.tau_s, tau_u)
+
+
+def _sample_controlled(backbone, cond, start, uncond, num_steps, guidance_scale, controller) -> torch.Tensor:
+    with AttentionHub(backbone.unet, [controller]) as hub:
+        return ddim_sample(backbone, cond, start.expand(2, *start.shape[1:]), uncond, num_steps, guidance_scale,
+                           hub=hub)
+
+
+# ----- the methods ---------------------------------------------------------------------------------
+@torch.no_grad()
+def ddim_word_swap(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
+                   guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+    """DDIM inversion (w = 1, source prompt), then [source, target] sampled from z_N at w, no control."""
+    _check(z0, source, target)
+    cond_src, cond = _pair(backbone, source, target)
+    z_n = ddim_invert(backbone, z0, cond_src, num_steps)[-1]
+    return ddim_sample(backbone, cond, z_n.expand(2, *z_n.shape[1:]), backbone.encode_prompt([""]), num_steps,
+                       guidance_scale)
+
+
+def sdedit_start(num_steps: int, strength: float) -> int:
+    """The sampling step SDEdit starts at: round((1 - strength) N) (N: no step, 0: the noisiest)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"sdedit strength={strength} is outside [0, 1]; 0 keeps the image, 1 ignores it")
+    return round((1.0 - strength) * num_steps)
+
+
+@torch.no_grad()
+def sdedit(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
+           guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+    """z_0 noised to `settings.strength` (seeded), then [source, target] denoised from the start step."""
+    _check(z0, source, target)
+    s = EditSettings.create(settings)
+    start = sdedit_start(num_steps, s.strength)
+    if start >= num_steps:
+        return z0.expand(2, *z0.shape[1:]).clone()
+    generator = torch.Generator(z0.device).manual_seed(int(s.seed))
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=torch.float32)
+    if start == 0:
+        x = noise  # strength 1: the image is ignored
+    else:
+        a = DDIMSchedule(backbone.scheduler.config, num_steps).alpha(start).to(z0.device, torch.float32)
+        x = a.sqrt() * z0.float() + (1 - a).sqrt() * noise
+    _, cond = _pair(backbone, source, target)
+    return ddim_sample(backbone, cond, x.to(z0.dtype).expand(2, *z0.shape[1:]), backbone.encode_prompt([""]),
+                       num_steps, guidance_scale, start_step=start)
+
+
+def _null_text(backbone, z0, source, target, num_steps, guidance_scale, settings, tau_u) -> torch.Tensor:
+    _check(z0, source, target)
+    s = EditSettings.create(settings)
+    cond_src, cond = _pair(backbone, source, target)
+    trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
+    schedule = null_text_inversion(backbone, trajectory, cond_src, num_steps, guidance_scale,
+                                   **{**NULL_TEXT_DEFAULTS, **dict(s.null_text or {})})
+    with torch.no_grad():
+        return _sample_controlled(backbone, cond, trajectory[-1], schedule, num_steps, guidance_scale,
+                                  _controller(backbone, source, target, s, tau_u))
+
+
+def null_text_p2p(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
+                  guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+    """Null-text inversion + prompt-to-prompt (tau_c, tau_s)."""
+    return _null_text(backbone, z0, source, target, num_steps, guidance_scale, settings, None)
+
+
+def null_text_p2plus(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
+                     guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+    """Null-text inversion + P2Plus (prompt-to-prompt with the unconditional self-attention for tau_u)."""
+    s = EditSettings.create(settings)
+    return _null_text(backbone, z0, source, target, num_steps, guidance_scale, s, s.tau_u)
+
+
+@torch.no_grad()
+def negative_prompt_p2p(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
+                        guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+    """Negative-prompt inversion (the source embedding as every step's uncond) + prompt-to-prompt."""
+    _check(z0, source, target)
+    s = EditSettings.create(settings)
+    cond_src, cond = _pair(backbone, source, target)
+    trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
+    return _sample_controlled(backbone, cond, trajectory[-1], negative_prompt_inversion(cond_src, num_steps),
+                              num_steps, guidance_scale, _controller(backbone, source, target, s, None))
+
+
+@torch.no_grad()
+def style_diffusion(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 30,
+                    guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+    """StyleDiffusion: Algorithm 1 on z_0's trajectory, then the P2Plus edit (the replay and the target)."""
+    from datamodules.trajectories import invert_latents
+    from lightning_modules.style_diffusion import StyleDiffusionModule, edit
+
+    _check(z0, source, target)
+    s = EditSettings.create(settings)
+    cfg = {**STYLE_DEFAULTS, **dict(s.style_diffusion or {})}
+    encoder = {"path": None, "build": None, **dict(cfg["image_encoder"] or {})}
+    if not encoder["path"]:
+        raise ConfigError("image_encoder.path is not set; give a local CLIP vision model folder "
+                          "(or image_encoder.build=base|tiny to build a random one there)")
+    if not s.backbone_config:
+        raise ConfigError("style_diffusion needs the backbone's config (settings.backbone_config, e.g. model.*)")
+    module = StyleDiffusionModule(dict(s.backbone_config), encoder, num_steps=num_steps,
+                                  guidance_scale=guidance_scale, mapping=cfg["mapping"], inner=cfg["inner"],
+                                  adam=cfg["adam"], early_stop=cfg["early_stop"],
+                                  early_stop_growth=cfg["early_stop_growth"],
+                                  attention_weight=cfg["attention_weight"], seed=int(s.seed))
+    module.backbone = backbone  # the given backbone, not a second copy
+    module.build(backbone)
+    module.to(backbone.device)  # fit_image places its tensors on the module's device
+    trajectory = invert_latents(backbone, z0, source, num_steps, cfg["map_resolution"], cfg["map_blocks"])
+    pixels = s.pixels if s.pixels is not None else backbone.decode_latents(z0) * 2 - 1
+    generator = torch.Generator(backbone.device).manual_seed(int(s.seed))
+    try:
+        inversion = module.fit_image(pixels.to(backbone.device, torch.float32), source, trajectory, "image",
+                                     generator)
+        return edit(backbone, module.attention_hub(), inversion, [target], cfg["tau_v"], cfg["tau_c"],
+                    cfg["tau_s"], cfg["tau_u"], s.controller, guidance_scale)
+    finally:
+        module.teardown("edit")  # the UNet gets its processors back
+
+
+EditMethod = Callable[..., torch.Tensor]
+METHODS: dict[str, EditMethod] = {
+    "ddim_word_swap": ddim_word_swap,
+    "sdedit": sdedit,
+    "null_text_p2p": null_text_p2p,
+    "null_text_p2plus": null_text_p2plus,
+    "negative_prompt_p2p": negative_prompt_p2p,
+    "style_diffusion": style_diffusion,
+}
+# steps of each method in the paper's comparison: 50 for the null-text / P2P family (methods.md), T = 30
+# for StyleDiffusion (Sec. 4.1) and the same 50 for the other baselines
+DEFAULT_STEPS = {name: 50 for name in METHODS} | {"style_diffusion": 30}

@@ -63,13 +63,10 @@ class EditSettings:
         return cls(**dict(settings or {}))
 
 
-NULL_TEXT_DEFAULTS = {"inner_steps": 10, "lr": 1e-2, "lr_decay": 1e-2, "early_stop": 1e-5,
-                      "early_stop_growth": 2e-5}
+# the edit's own settings; Algorithm 1's (inner, adam, mapping, early_stop, ...) default to the module's
 STYLE_DEFAULTS = {"tau_v": 0.6, "tau_c": 0.6, "tau_s": 0.8, "tau_u": 0.5,
-                  "image_encoder": {"path": None, "build": None},
-                  "inner": {"K": 100, "schedule": "paper"}, "adam": {"preset": "paper"}, "mapping": {},
-                  "early_stop": 1e-5, "early_stop_growth": 2e-5, "attention_weight": 1.0,
-                  "map_resolution": 16, "map_blocks": ("down", "up")}
+                  "image_encoder": {"path": None, "build": None}, "map_resolution": 16, "map_blocks": ("down", "up")}
+STYLE_MODULE_KEYS = ("mapping", "inner", "adam", "early_stop", "early_stop_growth", "attention_weight")
 
 
 def _pair(backbone: Backbone, source: str, target: str):
@@ -142,7 +139,7 @@ def _null_text(backbone, z0, source, target, num_steps, guidance_scale, settings
     cond_src, cond = _pair(backbone, source, target)
     trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
     schedule = null_text_inversion(backbone, trajectory, cond_src, num_steps, guidance_scale,
-                                   **{**NULL_TEXT_DEFAULTS, **dict(s.null_text or {})})
+                                   **dict(s.null_text or {}))  # Mokady et al.'s settings by default
     with torch.no_grad():
         return _sample_controlled(backbone, cond, trajectory[-1], schedule, num_steps, guidance_scale,
                                   _controller(backbone, source, target, s, tau_u))
@@ -190,10 +187,8 @@ def style_diffusion(backbone: Backbone, z0: torch.Tensor, source: str, target: s
     if not s.backbone_config:
         raise ConfigError("style_diffusion needs the backbone's config (settings.backbone_config, e.g. model.*)")
     module = StyleDiffusionModule(dict(s.backbone_config), encoder, num_steps=num_steps,
-                                  guidance_scale=guidance_scale, mapping=cfg["mapping"], inner=cfg["inner"],
-                                  adam=cfg["adam"], early_stop=cfg["early_stop"],
-                                  early_stop_growth=cfg["early_stop_growth"],
-                                  attention_weight=cfg["attention_weight"], seed=int(s.seed))
+                                  guidance_scale=guidance_scale, seed=int(s.seed),
+                                  **{k: cfg[k] for k in STYLE_MODULE_KEYS if k in cfg})
     module.backbone = backbone  # the given backbone, not a second copy
     module.build(backbone)
     module.to(backbone.device)  # fit_image places its tensors on the module's device

@@ -122,12 +122,13 @@ class DiffusionModule(L.LightningModule):
         return fill_template(template, class_word)
 
     @contextlib.contextmanager
-    def sampling_setting(self, **setting) -> Iterator[None]:
-        """Apply a sampling-time setting of what is trained (a slider's strength, LAG on/off)."""
+    def sampling_setting(self, prompts: Sequence[str] | None = None, **setting) -> Iterator[AttentionHub | None]:
+        """Apply a sampling-time setting of what is trained (a slider's strength, LAG on/off) for a batch of
+        prompts; yields the attention hub the sampler must drive (None when the setting needs none)."""
         if setting:
             raise ConfigError(f"{type(self).__name__} has no sampling setting {sorted(setting)}; sweep a generation "
                               f"setting (num_steps, guidance_scale, negative_prompt) instead")
-        yield
+        yield None
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: Sequence[int], setting: dict | None = None, num_steps: int = 25,
@@ -137,8 +138,9 @@ class DiffusionModule(L.LightningModule):
         setting = dict(setting or {})
         generation = {"num_steps": num_steps, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
         generation.update({k: setting.pop(k) for k in list(setting) if k in generation})
-        with self.sampling_setting(**setting):
-            return generate(self.backbone, prompts, seed=list(seeds), encode=self.prompt_encoder(), **generation)
+        with self.sampling_setting(prompts=prompts, **setting) as hub:
+            return generate(self.backbone, prompts, seed=list(seeds), encode=self.prompt_encoder(), hub=hub,
+                            **generation)
 
     def prompt_encoder(self) -> Callable | None:
         """How sampling encodes prompts, when not as the backbone does (a slider that edits text states)."""

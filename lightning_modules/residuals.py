@@ -18,18 +18,19 @@ The optimizer is the paper's silent choice: AdamW (the framework's default for e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from datamodules.prior import PriorImages
 from datamodules.prompts import fill_template
+from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone
 from diffusion.lora import LORA_FILE, save_lora
 from diffusion.residuals import ADAPTER, INFO_FILE, ResidualSampler, add_residuals
-from diffusion.sampling import generate
 from diffusion.tokens import PlaceholderTokens
 from lightning_modules.base import DiffusionModule
 from utils.errors import ConfigError
@@ -106,20 +107,15 @@ class ResidualModule(DiffusionModule):
         """'{}' is the concept: 'V* <macro class>'."""
         return fill_template(template, self.concept)
 
-    @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: Sequence[int], setting: dict | None = None, num_steps: int = 25,
-               guidance_scale: float = 7.5, negative_prompt: str = "") -> torch.Tensor:
-        """As the base class, with two settings of its own: lag (bool) and strength (the residual's scale)."""
-        setting = {**self.sampling_defaults, **dict(setting or {})}
-        lag, strength = bool(setting.pop("lag")), float(setting.pop("strength"))
-        generation = {"num_steps": num_steps, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
-        unknown = sorted(set(setting) - set(generation))
-        if unknown:
-            raise ConfigError(f"ResidualModule has no sampling setting {unknown}; use lag, strength or a generation "
-                              f"setting (num_steps, guidance_scale, negative_prompt)")
-        generation.update(setting)
-        with self.sampler.applied(prompts, lag=lag, strength=strength) as hub:
-            return generate(self.backbone, prompts, seed=list(seeds), hub=hub, **generation)
+    @contextlib.contextmanager
+    def sampling_setting(self, prompts: Sequence[str] | None = None, lag: bool | None = None,
+                         strength: float | None = None, **setting) -> Iterator[AttentionHub | None]:
+        """lag: sample with LAG (needs the prompts); strength: the residual's scale (module.sampling's defaults)."""
+        lag = self.sampling_defaults["lag"] if lag is None else lag
+        strength = self.sampling_defaults["strength"] if strength is None else strength
+        with super().sampling_setting(**setting), \
+                self.sampler.applied(prompts or [], lag=bool(lag), strength=float(strength)) as hub:
+            yield hub
 
     # ----- artifacts ------------------------------------------------------------------------------
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:

@@ -376,12 +376,11 @@ class EMMaskModule(DiffusionModule):
             self.enter_joint_stage()
         index, flip = int(batch["index"][0]), bool(batch["flip"][0])
         record = self.scenes().records[index]
-        g = self.step_generator(offset=1)  # the subset's stream; offset 0 draws the noise
         if stage == "inversion":  # the unmasked warm start: the whole image under all its concepts
             loss = self.diffusion_loss(batch["pixel_values"], [self.concept_prompt(list(record.concepts))])
             parts = {"diffusion": loss.detach()}
-        else:
-            tokens = self.draw_subset(list(record.concepts), g)
+        else:  # the subset's stream is offset 1; offset 0 draws the noise
+            tokens = self.draw_subset(list(record.concepts), self.step_generator(offset=1))
             loss, parts = self.concept_loss(batch["pixel_values"], tokens, index, flip)
         if stage == "joint" and self.prior is not None:  # prior preservation (Break-a-Scene's second phase)
             pixels, prompts = self.prior.draw(len(batch["index"]), self.step_generator(offset=2), self.device)

@@ -6,7 +6,8 @@ Trains method=residuals with the paper's settings (150 iterations, batch 4, trai
 shapes-world reference set resized to the model's resolution, and reports the wall time of the 150
 steps, the median step and the peak GPU memory (the run's timing.json); the paper's figure is about
 3 minutes on one A100, the target here 60 s. Then times one image (50 DDIM steps, guidance 6, the
-paper's sampling) with the residual everywhere and with LAG, in turns; the target is LAG within 5%.
+paper's sampling) with the residual everywhere and with LAG, in turns, at each `--batches` size (images
+per call); the target is LAG within 5%. `--profile` adds one profiled UNet call of each.
 """
 
 from __future__ import annotations
@@ -28,9 +29,25 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
 
+def reference_images(folder: Path, resolution: int, count: int = 4) -> Path:
+    """`count` renders of the sun_medal concept at the model's resolution (the shipped ones are 64 px)."""
+    import random
+
+    from datamodules.shapes.render import render_scene
+    from datamodules.shapes.world import concept_scene
+    from utils.images import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random("residuals-speed")
+    for k in range(count):
+        save_png(render_scene(concept_scene("sun_medal", rng), resolution)[0], folder / f"{k:02d}.png")
+    return folder
+
+
 def train(model: str, run: Path, trainer: str, overrides: list[str]) -> dict:
+    images = reference_images(run.parent / "references", model_resolution(model))
     cmd = [sys.executable, "train.py", "method=residuals", f"model={model}", f"trainer={trainer}", "logger=csv",
-           f"data.images_dir={ROOT / 'assets' / 'shapes_concepts' / 'sun_medal' / 'images'}",
+           f"data.images_dir={images}",
            "data.templates=[\"a photo of a {}\"]", f"hydra.run.dir={run}", "callbacks.sample_grid=null",
            "callbacks.progress_bar.refresh_rate=0", *overrides]
     start = time.time()
@@ -41,21 +58,42 @@ def train(model: str, run: Path, trainer: str, overrides: list[str]) -> dict:
     return {"wall_s": time.time() - start, **timing}
 
 
-def sample(model: str, run: Path, repeats: int) -> dict:
+def model_config(model: str):
     from hydra import compose, initialize_config_dir
 
-    from diffusion.backbone import load_backbone
-    from diffusion.residuals import load_residuals
-    from diffusion.sampling import generate
     from utils.config import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={model}"])
+        return compose(config_name="train", overrides=[f"model={model}"]).model
+
+
+def model_resolution(model: str) -> int:
+    return int(model_config(model).resolution)
+
+
+def sample(model: str, run: Path, repeats: int, batches: list[int], profile: bool = False) -> dict:
+    """Per batch size (images per call): median seconds of one 50-step image set, plain and with LAG."""
+    from diffusion.backbone import load_backbone
+    from diffusion.residuals import load_residuals
+
+    model_cfg = model_config(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone = load_backbone(**{k: v for k, v in cfg.model.items() if k != "dtype"}, dtype="bfloat16").to(device)
+    backbone = load_backbone(**{k: v for k, v in model_cfg.items() if k != "dtype"}, dtype="bfloat16").to(device)
     sampler, concept = load_residuals(backbone, run)
-    prompts = [f"a photo of a {concept} on the beach"]
+    out = {"repeats": repeats}
+    for batch in batches:
+        prompts = [f"a photo of a {concept} on the beach"] * batch
+        out[f"batch_{batch}"] = time_sampling(backbone, sampler, prompts, repeats)
+        if profile:
+            out[f"batch_{batch}"]["profile"] = {name: profiled_step(backbone, sampler, prompts, lag)
+                                                for name, lag in (("plain", False), ("lag", True))}
+    return out
+
+
+def time_sampling(backbone, sampler, prompts: list[str], repeats: int) -> dict:
+    from diffusion.sampling import generate
+
     times: dict[str, list[float]] = {"plain_s": [], "lag_s": []}
     for r in range(repeats + 1):  # the two take turns; the first round warms up
         for name, lag in (("plain_s", False), ("lag_s", True)):
@@ -67,7 +105,30 @@ def sample(model: str, run: Path, repeats: int) -> dict:
             if r:
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    return {**medians, "lag_overhead": medians["lag_s"] / medians["plain_s"] - 1, "repeats": repeats}
+    return {**medians, "lag_overhead": medians["lag_s"] / medians["plain_s"] - 1}
+
+
+def profiled_step(backbone, sampler, prompts: list[str], lag: bool, top: int = 12) -> dict:
+    """One guided UNet call under torch.profiler: operator count and the ops with most CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from diffusion.sampling import guided_epsilon
+
+    cond, uncond = backbone.encode_prompt(prompts), backbone.encode_prompt([""])
+    x = torch.randn(len(prompts), backbone.unet.config.in_channels, *(backbone.resolution // 8,) * 2, device=backbone.device,
+                    dtype=backbone.dtype)
+    t = torch.tensor(500, device=backbone.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with sampler.applied(prompts, lag=lag) as hub, torch.no_grad():
+        guided_epsilon(backbone, x, t, cond, uncond, 6.0, hub)  # warm-up
+        sync()
+        with profile(activities=activities) as prof:
+            guided_epsilon(backbone, x, t, cond, uncond, 6.0, hub)
+            sync()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"aten_ops": sum(e.count for e in events),
+            "top_self_cpu_us": {e.key: round(e.self_cpu_time_total) for e in events[:top]}}
 
 
 def main() -> None:
@@ -75,12 +136,15 @@ def main() -> None:
     parser.add_argument("--model", default="sd15_random")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--trainer", default="gpu")
+    parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4],
+                        help="images per sampling call, comma-separated")
+    parser.add_argument("--profile", action="store_true", help="also profile one plain and one LAG UNet call")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "residuals_speed")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides")
     args = parser.parse_intermixed_args()
     run = args.out / f"residuals_{args.model}"
     result = {"model": args.model, "train": train(args.model, run, args.trainer, args.overrides),
-              "sample": sample(args.model, run, args.repeats)}
+              "sample": sample(args.model, run, args.repeats, args.batches, args.profile)}
     print(json.dumps(result, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(result, indent=2))

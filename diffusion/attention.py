@@ -4,8 +4,9 @@
 processors it replaced (`restore()` puts them back). A controller is a small object in the spirit of
 prompt-to-prompt's AttentionStore / AttentionReplace: for each layer it `wants`, it receives the
 attention probabilities [batch, heads, queries, keys] and returns them, recorded or edited.
-Layers that no active controller wants, and that receive no separate value input, run PyTorch's
-fused scaled-dot-product attention exactly as diffusers' AttnProcessor2_0 does.
+Layers that no active controller wants run PyTorch's fused scaled-dot-product attention exactly as
+diffusers' AttnProcessor2_0 does; so do layers whose controllers only read (`edits = False`), which
+then also compute the probabilities for those controllers.
 
 Batch layout during classifier-free guidance (the sampler sets `state.cfg`): [uncond; cond], and
 within each half sample 0 is the source prompt and the others are edited prompts (prompt-to-prompt).
@@ -71,7 +72,13 @@ class AttentionCall:
 
 
 class AttentionController:
-    """Base controller: sees nothing and changes nothing. Subclasses override `wants` and `__call__`."""
+    """Base controller: sees nothing and changes nothing. Subclasses override `wants` and `__call__`.
+
+    `edits`: whether `__call__` may return other probabilities than it got. While every controller a
+    layer serves only reads (stores, LAG's masks), the layer's output stays the fused kernel's.
+    """
+
+    edits = True
 
     def wants(self, place: Place) -> bool:
         return True
@@ -138,6 +145,7 @@ class ControlledAttnProcessor:
             call = AttentionCall(self.place, self.hub.query_hw(query.shape[2]), self.hub.state)
             for controller in controllers:
                 probs = controller(probs, call)
+        if controllers and any(c.edits for c in controllers):
             out = probs @ value
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
@@ -235,6 +243,8 @@ class AttentionStore(AttentionController):
     with_grad: keep the autograd graph (for attention losses); average_heads: store head means;
     average_steps: keep a running sum per layer instead of one entry per call.
     """
+
+    edits = False
 
     def __init__(self, cross: bool = True, self_attn: bool = False, blocks: Sequence[str] = ("down", "mid", "up"),
                  resolutions: Sequence[int] | None = None, cond_only: bool = False,
@@ -490,6 +500,8 @@ class TokenMask(AttentionController):
     the unconditional half under CFG), or None before the block has run.
     """
 
+    edits = False
+
     def __init__(self, token_indices: Sequence[int] | torch.Tensor | None = None,
                  selection: torch.Tensor | None = None):
         if (token_indices is None) == (selection is None):
@@ -506,8 +518,9 @@ class TokenMask(AttentionController):
     def score(self, cond: torch.Tensor) -> torch.Tensor:
         """[b, Q, K] conditional maps (heads averaged) -> [b, Q] summed over the chosen tokens."""
         if self.selection is not None:
-            weights = self.selection.to(cond.device, cond.dtype)
-            return (cond * weights.reshape(-1, 1, cond.shape[-1])).sum(-1)
+            if self.selection.device != cond.device or self.selection.dtype != cond.dtype:
+                self.selection = self.selection.to(cond.device, cond.dtype)  # once, not per layer
+            return (cond * self.selection.reshape(-1, 1, cond.shape[-1])).sum(-1)
         idx = torch.as_tensor(self.token_indices, device=cond.device)
         if idx.ndim == 1:
             return cond[..., idx].sum(-1)

@@ -86,7 +86,7 @@ def add_residuals(unet: nn.Module, targets: str = "proj_out", rank_ratio: float 
         with torch.no_grad():
             for p in params:  # kaiming-uniform(a=sqrt(5)) bounds, as nn.Linear / nn.Conv2d draw their weights
                 bound = 1.0 / p[0].numel() ** 0.5
-                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+                p.copy_(torch.empty(p.shape, device="cpu").uniform_(-bound, bound, generator=g))  # seeded on the CPU
     return params, ranks
 
 

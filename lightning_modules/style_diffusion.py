@@ -135,8 +135,9 @@ class StyleInversion:
 
     @torch.no_grad()
     def values(self, cond: Conditioning) -> list[torch.Tensor]:
-        """M_i(E(x)) of every step (FiLM variants read the source embedding `cond`)."""
-        return [net(self.features, cond.hidden_states) for net in self.mappings.nets]
+        """M_i(E(x)) of every step (FiLM variants read the source embedding `cond`), on the networks' device."""
+        features = self.features.to(next(self.mappings.parameters()).device)
+        return [net(features, cond.hidden_states) for net in self.mappings.nets]
 
 
 # ----- replay and editing --------------------------------------------------------------------------

@@ -94,3 +94,36 @@ def test_unet_graphs_leave_recording_attention_eager(tiny):
     with torch.no_grad():
         tiny.predict(x, 500, cond)
     assert len(tiny.unet_graphs.graphs) == 1
+
+
+def test_residuals_train_on_gpu(tiny_dir, image_folder, tmp_path):
+    """The residuals' seeded random init draws on the CPU under Lightning's CUDA init context."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    run_train("method=residuals", "model=tiny", f"model.path={tiny_dir}", "trainer=gpu", "logger=csv",
+              f"data.images_dir={image_folder / 'images'}", "module.class_word=cat", "trainer.max_steps=2",
+              "data.batch_size=2", "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={run}")
+    weights = load_file(run / "pytorch_lora_weights.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_style_diffusion_fits_replays_and_edits_on_gpu(tiny_dir, tmp_path):
+    """An inversion keeps E(x) on the CPU; replay and edit move it to the mapping networks' device."""
+    from datamodules.trajectories import invert_latents
+    from diffusion.image_encoder import build_random_encoder
+    from lightning_modules.style_diffusion import StyleDiffusionModule, edit, reconstruct
+
+    encoder = build_random_encoder(tmp_path / "clip-tiny", size="tiny")
+    module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder)}, num_steps=2,
+                                  inner={"K": 2, "schedule": "paper"})
+    module.configure_model()
+    module.to("cuda")
+    backbone = module.backbone
+    z0 = torch.randn(1, 4, 32, 32, device="cuda")
+    trajectory = invert_latents(backbone, z0, "a red cat", 2)
+    inversion = module.fit_image(torch.rand(1, 3, 64, 64, device="cuda") * 2 - 1, "a red cat", trajectory)
+    assert inversion.features.device.type == "cpu"
+    replay = reconstruct(backbone, module.attention_hub(), inversion)
+    edited = edit(backbone, module.attention_hub(), inversion, ["a red dog"])
+    assert replay.is_cuda and edited.is_cuda and edited.shape == (2, 4, 32, 32)

@@ -1,0 +1,145 @@
+"""StyleDiffusion against null-text inversion on full-size random-weight SD1.5: inversion and editing time.
+
+    python benchmarks/style_speed.py --model sd15_random --out runs/style_speed [--repeats 3]
+
+One shapes-world scene at the model's resolution, source "a photo of a red circle", target "a photo of
+a blue circle" (equal word counts: AttentionReplace). Timed on the same backbone (fp32 weights, TF32
+matrix products):
+
+- inversion of one image at T = 30: the DDIM trajectory with its 16x16 maps, then Algorithm 1
+  (`StyleDiffusionModule.fit_image`, the paper's K_t and Adam), and null-text inversion of the same
+  trajectory (Mokady et al.'s settings, up to 10 Adam steps per step) at T = 30 and at its own N = 50;
+- one editing pass [source replay, target] at T = 30 with the P2Plus controller: StyleDiffusion (value
+  injection until tau_v T) against null-text + P2P and null-text + P2Plus (per-step unconditional
+  embeddings), in turns, median over `--repeats` after one warm-up round. Seconds per step = pass / T.
+
+The paper gives 0.30 s (StyleDiffusion) against 0.28 s (null-text) per editing step; the target here
+is StyleDiffusion's step within 10% of null-text's. Writes <out>/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+SOURCE, TARGET = "a photo of a red circle", "a photo of a blue circle"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def load(model: str, device: str):
+    from hydra import compose, initialize_config_dir
+
+    from diffusion.backbone import load_backbone
+    from utils.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"model={model}"])
+    config = {k: v for k, v in cfg.model.items() if k != "dtype"}
+    return load_backbone(**config, dtype="float32").to(device), config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15_random")
+    parser.add_argument("--steps", type=int, default=30, help="T of the inversions and the edits")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--encoder", default="base", help="random image encoder architecture (base = ViT-B/16)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "style_speed")
+    args = parser.parse_args()
+
+    from datamodules.image_set import load_image
+    from datamodules.trajectories import invert_latents
+    from diffusion.editing import EditSettings, _controller, _sample_controlled
+    from diffusion.inversion import null_text_inversion
+    from lightning_modules.style_diffusion import StyleDiffusionModule, edit
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone, config = load(args.model, device)
+    n, w = args.steps, 7.5
+    image = load_image(ROOT / "assets" / "shapes_scenes" / "00.png", backbone.resolution)
+    z0 = backbone.encode_images(image[None].to(device), torch.Generator(device).manual_seed(0)).float()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    module = StyleDiffusionModule(config, {"path": str(args.out / f"clip-vit-{args.encoder}"), "build": args.encoder},
+                                  num_steps=n, guidance_scale=w)
+    module.backbone = backbone
+    module.build(backbone)
+    module.to(device)
+    result: dict = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "T": n, "guidance_scale": w, "repeats": args.repeats}
+
+    trajectory, result["ddim_inversion_s"] = timed(lambda: invert_latents(backbone, z0, SOURCE, n))
+    generator = torch.Generator(device).manual_seed(0)
+    inversion, result["style_diffusion_fit_s"] = timed(
+        lambda: module.fit_image(image[None].to(device), SOURCE, trajectory, "scene_00", generator))
+    result["style_diffusion_iterations"] = sum(inversion.iterations)
+    cond_src = backbone.encode_prompt([SOURCE])
+    latents = [z[None].to(device) for z in trajectory.latents]
+    schedule, result["null_text_s"] = timed(lambda: null_text_inversion(backbone, latents, cond_src, n, w))
+    result["null_text_iterations"] = sum(schedule.iterations)
+    from diffusion.sampling import ddim_invert
+
+    def null_text_own_steps():
+        with torch.no_grad():
+            own = ddim_invert(backbone, z0, cond_src, 50)
+        return null_text_inversion(backbone, own, cond_src, 50, w)
+
+    own, result["null_text_50_s"] = timed(null_text_own_steps)  # its DDIM inversion included
+    result["null_text_50_iterations"] = sum(own.iterations)
+
+    cond = backbone.encode_prompt([SOURCE, TARGET])
+    settings = EditSettings()
+    hub = module.attention_hub()
+    passes = {
+        "style_diffusion_p2plus": lambda: edit(backbone, hub, inversion, [TARGET], guidance_scale=w),
+        "null_text_p2p": lambda: _sample_controlled(backbone, cond, latents[-1], schedule, n, w,
+                                                    _controller(backbone, SOURCE, TARGET, settings, None)),
+        "null_text_p2plus": lambda: _sample_controlled(backbone, cond, latents[-1], schedule, n, w,
+                                                       _controller(backbone, SOURCE, TARGET, settings, 0.5)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    with torch.no_grad():
+        for r in range(args.repeats + 1):  # in turns; round 0 warms up
+            for name, fn in passes.items():
+                _, seconds = timed(fn)
+                if r:
+                    times[name].append(seconds)
+    module.teardown("edit")
+    per_step = {name: statistics.median(t) / n for name, t in times.items()}
+    result["edit_s_per_step"] = per_step
+    result["style_over_null_text"] = per_step["style_diffusion_p2plus"] / per_step["null_text_p2p"]
+    if device == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(result, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ OUTPUTS = ("edit.json", "edited.png", "reconstruction.png", "source.png")
 
 def check(cfg: DictConfig) -> Path:
     """Everything bad input can break, checked before a model loads; returns the image's path."""
-    from diffusion.editing import METHODS
+    from diffusion.editing import BLEND_METHODS, METHODS
     from utils.errors import ConfigError, DataError
 
     if cfg.edit_method not in METHODS:
@@ -45,14 +45,27 @@ def check(cfg: DictConfig) -> Path:
         raise DataError(f"image={image} does not exist; give the path of the image to edit")
     if cfg.num_steps is not None and int(cfg.num_steps) < 1:
         raise ConfigError(f"num_steps={cfg.num_steps}; give a positive number of DDIM steps (or null)")
-    if cfg.edit_method == "sdedit" and not 0 <= float(cfg.strength) <= 1:
+    if cfg.edit_method in ("sdedit", "style_diffusion_sdedit") and not 0 <= float(cfg.strength) <= 1:
         raise ConfigError(f"strength={cfg.strength} is outside [0, 1]; 0 keeps the image, 1 ignores it")
+    if cfg.blend_words is not None:
+        from lightning_modules.style_diffusion import check_blend_words
+
+        if cfg.edit_method not in BLEND_METHODS:
+            raise ConfigError(f"blend_words applies to the prompt-to-prompt methods ({', '.join(BLEND_METHODS)}), "
+                              f"not {cfg.edit_method}; drop it or pick one of those")
+        check_blend_words([cfg.source, cfg.target], blend_words_of(cfg))
     encoder = cfg.image_encoder
-    if cfg.edit_method == "style_diffusion" and not encoder.build and (
+    if cfg.edit_method.startswith("style_diffusion") and not encoder.build and (
             not encoder.path or not Path(str(encoder.path)).expanduser().exists()):
         raise ConfigError(f"image_encoder.path={encoder.path} does not exist; give a local CLIP vision model folder "
                           f"or image_encoder.build=base|tiny to build a random one there")
     return image
+
+
+def blend_words_of(cfg: DictConfig):
+    """cfg.blend_words as plain Python (None, a string, or lists of words)."""
+    words = cfg.blend_words
+    return OmegaConf.to_container(words) if OmegaConf.is_config(words) else words
 
 
 def settings_of(cfg: DictConfig) -> dict:
@@ -60,7 +73,8 @@ def settings_of(cfg: DictConfig) -> dict:
     style = OmegaConf.to_container(cfg.style_diffusion, resolve=True)
     style["image_encoder"] = OmegaConf.to_container(cfg.image_encoder, resolve=True)
     return {"controller": cfg.controller, "tau_c": float(cfg.tau_c), "tau_s": float(cfg.tau_s),
-            "tau_u": float(cfg.tau_u), "strength": float(cfg.strength), "seed": int(cfg.seed),
+            "tau_u": float(cfg.tau_u), "blend_words": blend_words_of(cfg),
+            "blend_threshold": float(cfg.blend_threshold), "strength": float(cfg.strength), "seed": int(cfg.seed),
             "null_text": OmegaConf.to_container(cfg.null_text, resolve=True), "style_diffusion": style}
 
 

@@ -4,6 +4,8 @@ with their captions.
 
     python benchmarks/style_shapes.py reconstruct --out runs/style --count 50 [--steps 30] [--adam code]
     # -> runs/style/reconstruction.json (per image and means) and a grid of the first 8 images
+    python benchmarks/style_shapes.py edit --out runs/style_edit --count 24 [--shard 0/2]
+    python benchmarks/style_shapes.py edit_table --out runs/style_edit   # merges the shards' edit_*.json
 
 Every method starts from the same DDIM inversion at guidance 1 with the caption (T steps) and samples
 back at guidance 7.5: DDIM inversion as it is, null-text inversion (per-step unconditional embeddings,
@@ -11,6 +13,18 @@ Mokady et al.'s settings), negative-prompt inversion (the caption as the uncondi
 StyleDiffusion (Algorithm 1's mapping networks on a random-initialised CLIP ViT-B/16 image encoder:
 the shapes world ships no CLIP weights; `--encoder` takes a real one). Scores compare the decoded
 reconstruction with the rendered image (the autoencoder's own round trip is reported as the ceiling).
+
+`edit` (the paper's Table 2 on this world): two-object scenes, each caption edited in one attribute
+(shape, colour or texture) of one object, the attribute and object taking turns; every method of
+diffusion/editing.py edits the render from the source caption to the target caption (StyleDiffusion +
+P2Plus at T = 30, null-text + P2P, null-text + P2Plus, DDIM inversion + word swap and SDEdit at 50
+steps, guidance 7.5). The probes read each edit against the target scene: success = the edited
+attribute reads the target value; preservation = the edited object's other attributes, the other
+object's attributes and the background read as in the source. NS-PSNR compares edit and render
+outside the edited object (its exact footprint in the source and target renders, dilated by one
+pixel); NS-LPIPS (AlexNet at 256 px, the same region blacked out in both) and Structure-dist (DINO
+ViT-B/8 keys' self-similarity) need their local weights (conf/metrics/editing.yaml) and are left out
+without them.
 """
 
 from __future__ import annotations
@@ -113,19 +127,206 @@ def reconstruct(out: Path, count: int, steps: int, encoder: str | None, adam: st
     return result
 
 
+EDIT_METHODS = ("style_diffusion", "null_text_p2p", "null_text_p2plus", "ddim_word_swap", "sdedit")
+EDIT_ATTRIBUTES = ("shape", "colour", "texture")
+
+
+def edited_scene(scene, obj: int, attribute: str, rng: random.Random):
+    """A copy of `scene` with one attribute of object `obj` changed to another value the world allows."""
+    import copy
+
+    from datamodules.shapes.world import COLOURS, SHAPES, TEXTURES, contrasting_backgrounds
+
+    target = copy.deepcopy(scene)
+    spec = target.objects[obj]
+    if attribute == "shape":
+        choices = [v for v in SHAPES if v != spec.shape]
+    elif attribute == "colour":
+        choices = [v for v in COLOURS if v != spec.colour and scene.background in contrasting_backgrounds(v)]
+    else:
+        choices = [v for v in TEXTURES if v != spec.texture]
+    setattr(spec, attribute, rng.choice(choices))
+    return target
+
+
+def edit_cases(count: int, seed: int = 0) -> list[dict]:
+    """`count` (scene, edited scene) pairs: two plain objects each; case k edits object k % 2's
+    attribute EDIT_ATTRIBUTES[k % 3], so every (object, attribute) pair recurs every 6 cases."""
+    from datamodules.shapes.world import SceneSampler
+
+    rng = random.Random(f"style-edit/{seed}")
+    sampler = SceneSampler(two_object_p=1.0, badge_p=0.0)
+    cases = []
+    for k in range(count):
+        scene = sampler.sample(rng)
+        obj, attribute = k % 2, EDIT_ATTRIBUTES[k % 3]
+        cases.append({"scene": scene, "target": edited_scene(scene, obj, attribute, rng), "object": obj,
+                      "attribute": attribute})
+    return cases
+
+
+def edit_region(source_masks: torch.Tensor, target_masks: torch.Tensor, obj: int) -> torch.Tensor:
+    """[H, W] bool: object `obj`'s footprint in the source or the target render, dilated by one pixel."""
+    region = ((source_masks[obj] > 0) | (target_masks[obj] > 0)).float()[None, None]
+    return torch.nn.functional.max_pool2d(region, 3, stride=1, padding=1)[0, 0] > 0
+
+
+def optional_metric(build):
+    """The metric, or None when its weights are not on this machine (the ConfigError says which)."""
+    from utils.errors import ConfigError
+
+    try:
+        return build()
+    except ConfigError as e:
+        print(f"left out: {e}", flush=True)
+        return None
+
+
+def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, device: str,
+         methods: list[str], strength: float) -> Path:
+    from diffusion.backbone import load_backbone
+    from diffusion.editing import DEFAULT_STEPS, METHODS, EditSettings
+    from datamodules.shapes.render import render_scene
+    from metrics.dino import StructureDistance
+    from metrics.lpips import LPIPSNet
+    from metrics.shapes_probes import default_probe, score_readings
+    from utils.images import save_png
+
+    unknown = sorted(set(methods) - set(EDIT_METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method {unknown[0]!r}; use some of {', '.join(EDIT_METHODS)}")
+    weights = ROOT / "metric_models"
+    lpips = optional_metric(lambda: LPIPSNet("alex", weights / "alexnet-owt-7be5be79.pth").to(device))
+    structure = optional_metric(lambda: StructureDistance(weights / "dino-vitb8").to(device))
+    backbone = load_backbone(str(ROOT / "models" / "shapes")).to(device)
+    encoder_dir = Path(encoder) if encoder else ROOT / ".cache" / "models" / "clip-vit-b16-random"
+    probe = default_probe(device)
+    index, parts = shard
+    rows, grid = [], []
+    for k, case in enumerate(edit_cases(count)):
+        if k % parts != index:
+            continue
+        scene, target, obj, attribute = case["scene"], case["target"], case["object"], case["attribute"]
+        image, source_masks = render_scene(scene, 64)
+        target_image, target_masks = render_scene(target, 64)
+        keep = ~edit_region(source_masks, target_masks, obj)
+        pixels = (image * 2 - 1)[None].to(device)
+        z0 = backbone.encode_images(pixels, torch.Generator(device).manual_seed(0)).float()
+        source, prompt = scene.caption(), target.caption()
+        row = {"case": k, "source": source, "target": prompt, "object": obj, "attribute": attribute,
+               "methods": {}}
+        edits = []
+        oracle = score_readings(probe.read(target_image[None].to(device)), [target])  # the probes' own ceiling
+        row["target_render"] = {"success": float(oracle[attribute][obj]),
+                                "background_kept": float(oracle["background"][0])}
+        for method in methods:
+            settings = EditSettings(seed=k, strength=strength, pixels=pixels, backbone_config={
+                "path": str(ROOT / "models" / "shapes")},
+                style_diffusion={"image_encoder": {"path": str(encoder_dir), "build": None if encoder else "base"}})
+            start = time.perf_counter()
+            latents = METHODS[method](backbone, z0, source, prompt, DEFAULT_STEPS[method], 7.5, settings)
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                decoded = backbone.decode_latents(latents).clamp(0, 1).cpu()  # [reconstruction, edit]
+            edited = decoded[1:]
+            scores = score_readings(probe.read(edited.to(device)), [target])
+            others = [a for a in EDIT_ATTRIBUTES if a != attribute]
+            row["methods"][method] = {
+                "success": float(scores[attribute][obj]),
+                "same_object_kept": float(torch.stack([scores[a][obj] for a in others]).mean()),
+                "other_object_kept": float(torch.stack([scores[a][1 - obj] for a in EDIT_ATTRIBUTES]).mean()),
+                "background_kept": float(scores["background"][0]),
+                "count": float(scores["count"][0]),
+                "ns_psnr": masked_psnr(edited[0], image, keep),
+                "ns_lpips": None if lpips is None else ns_lpips(lpips, edited[0], image, keep, device),
+                "structure_dist": None if structure is None else float(
+                    structure.scores(edited.to(device), image[None].to(device))[0]),
+                "seconds": seconds}
+            edits.append(edited[0])
+        rows.append(row)
+        if len(grid) < 8:
+            grid.append(torch.cat([image, target_image, *edits], dim=-1))
+        print(k, f"{attribute} of object {obj}:", prompt, {m: round(v["success"]) for m, v in row["methods"].items()},
+              flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"edit_{index}of{parts}.json"
+    path.write_text(json.dumps({"count": count, "methods": methods, "strength": strength,
+                                "encoder": str(encoder_dir) if encoder else "random ViT-B/16", "rows": rows},
+                               indent=2))
+    if grid:  # columns: render, target render, then each method's edit
+        save_png(torch.cat(grid, dim=-2), out / f"edit_grid_{index}of{parts}.png")
+    return path
+
+
+def masked_psnr(image: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor) -> float:
+    """PSNR over the pixels where `keep` ([H, W] bool) holds; images [3, H, W] in [0, 1]."""
+    mse = (image - reference).square().mean(0)[keep].mean()
+    return float(10 * torch.log10(1 / mse.clamp_min(1e-10)))
+
+
+def ns_lpips(net, image: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor, device: str) -> float:
+    """LPIPS at 256 px with the edited region blacked out in both images (methods.md's NS-LPIPS)."""
+    def prepared(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate((x * keep)[None], size=256, mode="bilinear", align_corners=False)
+        return (x * 2 - 1).to(device)
+
+    with torch.no_grad():
+        return float(net(prepared(image), prepared(reference))[0])
+
+
+def edit_table(out: Path) -> dict:
+    """Merge the shards' rows and print the per-method means (all cases, and per edited attribute)."""
+    parts = sorted(out.glob("edit_*of*.json"))
+    if not parts:
+        raise SystemExit(f"no edit_*of*.json in {out}; run the edit phase first")
+    rows = sorted((r for p in parts for r in json.loads(p.read_text())["rows"]), key=lambda r: r["case"])
+    methods = list(rows[0]["methods"])
+    keys = ("success", "same_object_kept", "other_object_kept", "background_kept", "count", "ns_psnr", "ns_lpips",
+            "structure_dist", "seconds")
+
+    def mean(selected: list[dict], method: str, key: str) -> float | None:
+        values = [r["methods"][method][key] for r in selected if r["methods"][method][key] is not None]
+        return statistics.fmean(values) if values else None
+
+    table = {m: {key: mean(rows, m, key) for key in keys} for m in methods}
+    table["target_render"] = {key: statistics.fmean(r["target_render"][key] for r in rows)
+                              for key in ("success", "background_kept")}
+    by_attribute = {a: {m: mean([r for r in rows if r["attribute"] == a], m, "success") for m in methods}
+                    for a in EDIT_ATTRIBUTES}
+    result = {"cases": len(rows), "means": table, "success_by_attribute": by_attribute}
+    (out / "edit.json").write_text(json.dumps(result, indent=2))
+    print(f"{len(rows)} cases")
+    print("| method | " + " | ".join(keys) + " |")
+    for m in [*methods, "target_render"]:
+        print(f"| {m} | " + " | ".join("-" if table[m].get(k) is None else f"{table[m][k]:.3f}" for k in keys) + " |")
+    for a, values in by_attribute.items():
+        print(a, {m: None if v is None else round(v, 3) for m, v in values.items()})
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=("reconstruct",))
+    parser.add_argument("phase", choices=("reconstruct", "edit", "edit_table"))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "style")
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps T of every inversion (paper: 30)")
     parser.add_argument("--encoder", default=None, help="a CLIP ViT-B/16 folder (default: a random one)")
     parser.add_argument("--adam", default="paper", help="StyleDiffusion's optimiser preset: paper | code")
-    parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS),
-                        help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=None,
+                        help=f"comma-separated, of {', '.join(METHODS)} (reconstruct) or {', '.join(EDIT_METHODS)} (edit)")
+    parser.add_argument("--shard", type=lambda text: tuple(int(v) for v in text.split("/")), default=(0, 1),
+                        help="edit: i/n runs every n-th case from case i (for parallel processes)")
+    parser.add_argument("--strength", type=float, default=0.5, help="edit: SDEdit's noise level")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    reconstruct(args.out, args.count, args.steps, args.encoder, args.adam, args.device, args.methods)
+    if args.phase == "reconstruct":
+        reconstruct(args.out, args.count, args.steps, args.encoder, args.adam, args.device,
+                    args.methods or list(METHODS))
+    elif args.phase == "edit":
+        edit(args.out, args.count, args.shard, args.encoder, args.device, args.methods or list(EDIT_METHODS),
+             args.strength)
+    else:
+        edit_table(args.out)
 
 
 if __name__ == "__main__":

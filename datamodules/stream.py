@@ -46,7 +46,11 @@ def item_generator(seed: int, index: int) -> torch.Generator:
 
 def stream_position(trainer) -> tuple[int, int, int]:
     """(first batch, rank, world size) for a stream feeding `trainer`: a resumed run starts at the
-    batch after its checkpoint's last step."""
+    batch after its checkpoint's last one. Batches are counted from optimizer steps, unless the module
+    counts them itself as `batches_done` (one whose batches take a varying number of optimizer steps,
+    such as StyleDiffusion's Algorithm 1)."""
     if trainer is None:
         return 0, 0, 1
-    return trainer.global_step * trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
+    done = getattr(trainer.lightning_module, "batches_done", None)
+    first = done if done is not None else trainer.global_step * trainer.accumulate_grad_batches
+    return first, trainer.global_rank, trainer.world_size

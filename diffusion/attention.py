@@ -12,7 +12,8 @@ Batch layout during classifier-free guidance (the sampler sets `state.cfg`): [un
 within each half sample 0 is the source prompt and the others are edited prompts (prompt-to-prompt).
 
 Also here: separate key / value text inputs for cross-attention (`value_hidden_states`, used by
-StyleDiffusion) and `TokenMask`, the per-block attention masks of LAG (diffusion/residuals.py).
+StyleDiffusion), prompt-to-prompt's `LocalBlend` (a read-only controller whose `blend` is a sampler's
+step callback) and `TokenMask`, the per-block attention masks of LAG (diffusion/residuals.py).
 """
 
 from __future__ import annotations
@@ -326,11 +327,15 @@ def _word_spans(tokenizer, prompt: str) -> list[tuple[int, int]]:
     return spans
 
 
+def prompt_words(prompt: str) -> list[str]:
+    """The words of a prompt as the word helpers match them: whitespace-split, punctuation stripped."""
+    return [w.strip(",.;:!?") for w in prompt.split()]
+
+
 def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     """Token positions of every occurrence of `word` in `prompt`."""
-    words = prompt.split()
     spans = _word_spans(tokenizer, prompt)
-    found = [i for (s, e), w in zip(spans, words) for i in range(s, e) if w.strip(",.;:!?") == word]
+    found = [i for (s, e), w in zip(spans, prompt_words(prompt)) for i in range(s, e) if w == word]
     if not found:
         raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}")
     return found
@@ -487,6 +492,86 @@ class AttentionReweight(PromptToPromptEdit):
         # prompt-to-prompt reweights the source's maps (after the base edit, if any)
         edited = self.base.edit_cross(source, targets) if self.base is not None else source.expand_as(targets)
         return edited * self.equalizer.to(source.device, source.dtype)[:, None, None, :]
+
+
+# ----- local blending (prompt-to-prompt) ---------------------------------------------------------
+class LocalBlend(AttentionController):
+    """Prompt-to-prompt's LocalBlend: edited samples change only where the edited words attend.
+
+    While sampling it sums, per prompt of the batch (sample 0 the source, the others targets), the
+    conditional half's cross-attention maps of that prompt's blend words (`selection` [batch, keys]:
+    1 at the words' token positions), heads averaged, over the `resolution` x `resolution` layers of
+    `blocks` and over every step so far. `blend(i, latents)`, ddim_sample's step_callback, then
+    turns each row's sum into a mask (3x3 max-pool, resized to the latents, divided by its max,
+    > threshold); from step int(start N) on, each target row keeps its own latents inside the union of
+    its mask and the source's and takes the source row's outside. Installed after an editing controller
+    it reads the maps the layer uses (prompt-to-prompt's store, too, ends up holding the edited maps).
+    Defaults are prompt-to-prompt's code: start_blend 0.2, threshold 0.3, the 16x16 down and up layers.
+    """
+
+    edits = False
+
+    def __init__(self, selection: torch.Tensor, start: float = 0.2, threshold: float = 0.3, resolution: int = 16,
+                 blocks: Sequence[str] = ("down", "up")):
+        self.selection = selection.float()
+        self.start, self.threshold, self.resolution = float(start), float(threshold), int(resolution)
+        self.blocks = set(blocks)
+        self.reset()
+
+    @classmethod
+    def from_prompts(cls, tokenizer, prompts: Sequence[str], words: Sequence[str | Sequence[str]],
+                     **kwargs) -> "LocalBlend":
+        """`words`: one entry per prompt (the source's first), a word or a list of words of that prompt."""
+        if len(words) != len(prompts):
+            raise ValueError(f"{len(words)} entries of blend words for {len(prompts)} prompts; give one per prompt")
+        selection = torch.zeros(len(prompts), tokenizer.model_max_length)
+        for row, (prompt, entry) in enumerate(zip(prompts, words)):
+            for word in [entry] if isinstance(entry, str) else entry:
+                selection[row, word_token_indices(tokenizer, prompt, word)] = 1.0
+        return cls(selection, **kwargs)
+
+    def reset(self) -> None:
+        self.total: torch.Tensor | None = None  # [batch, 1, h, w]: the words' maps summed so far
+        self.num_steps: int | None = None
+
+    def wants(self, place: Place) -> bool:
+        return place.is_cross and place.block in self.blocks
+
+    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        self.num_steps = call.state.num_steps
+        if call.resolution != self.resolution:
+            return probs
+        cond = cond_half(probs, call.state).mean(dim=1).float()  # [b, Q, K]
+        if cond.shape[0] != self.selection.shape[0]:
+            raise ValueError(f"LocalBlend has blend words for {self.selection.shape[0]} prompts, the batch has "
+                             f"{cond.shape[0]}")
+        if self.selection.device != cond.device:
+            self.selection = self.selection.to(cond.device)  # once, not per layer
+        score = torch.einsum("bqk,bk->bq", cond, self.selection).reshape(cond.shape[0], 1, *call.hw)
+        self.total = score if self.total is None else self.total + score
+        return probs
+
+    def masks(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """[batch, 1, H, W] bool: each row's own mask from the maps summed so far."""
+        if self.total is None:
+            raise ValueError(f"LocalBlend saw no cross-attention at {self.resolution}x{self.resolution} in the "
+                             f"{sorted(self.blocks)} blocks; set its resolution to one the UNet has")
+        maps = F.max_pool2d(self.total, kernel_size=3, stride=1, padding=1)  # prompt-to-prompt's k = 1
+        maps = F.interpolate(maps, size=tuple(latent_hw))  # nearest, as prompt-to-prompt
+        maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)  # a row without words: no mask
+        return maps > self.threshold
+
+    def blend(self, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """ddim_sample's step_callback: from step int(start N) on, each target row is kept only inside
+        the union of its mask and the source row's, the source row elsewhere; the source row is unchanged."""
+        if self.num_steps is None:
+            raise ValueError("LocalBlend.blend runs as ddim_sample's step_callback, after the step's UNet call")
+        if i < int(self.start * self.num_steps):  # prompt-to-prompt: int(start_blend * NUM_DDIM_STEPS)
+            return latents
+        own = self.masks(latents.shape[-2:])
+        mask = own | own[:1]  # the source's region too (prompt-to-prompt: mask[:1] + mask)
+        # x_src + mask (x_tgt - x_src) for a binary mask, written so both sides are exact
+        return torch.where(mask.to(latents.device), latents, latents[:1])
 
 
 # ----- attention masks (LAG) -----------------------------------------------------------------------

@@ -23,6 +23,14 @@ both rows sampled in one batch with the same start latent, steps and guidance:
   (`StyleDiffusionModule.fit_image`) on it, then `lightning_modules.style_diffusion.edit` with P2Plus
   and the authors' code defaults tau_v 0.6, tau_c 0.6, tau_s 0.8, tau_u 0.5. T = 30 in the paper.
   The image encoder reads `settings.pixels` (the image in [-1, 1]) or, without them, the decoded z_0.
+- `style_diffusion_sdedit`: StyleDiffusion + SDEdit (Sec. 5.2.5): the same inversion, then the target
+  follows the source's replay until step round((1 - s) T) (s = `settings.strength`) and denoises from
+  that latent with its prompt (the same tau_v value rule), with no attention control.
+
+LocalBlend (prompt-to-prompt): the P2P-family methods and both StyleDiffusion ones (`BLEND_METHODS`) take `settings.blend_words`,
+the source prompt's words then the target's (["cat", "dog"], or lists of words), and
+`settings.blend_threshold`; the edited row then changes only inside the union of both words' attention
+masks (lightning_modules.style_diffusion.edit_blend; None = off).
 
 `METHODS` maps each name to its function; `DEFAULT_STEPS` gives each method's step count of the paper.
 """
@@ -49,6 +57,8 @@ class EditSettings:
     tau_c: float = 0.8        # P2P baselines: cross-attention edited for steps < tau_c N
     tau_s: float = 0.4        # P2P baselines: self-attention replaced for steps < tau_s N
     tau_u: float = 0.5        # P2Plus (null_text_p2plus): unconditional self-attention for steps < tau_u N
+    blend_words: list | None = None  # P2P family: LocalBlend's [source words, target words] (word or list); None: off
+    blend_threshold: float = 0.3     # LocalBlend's mask threshold (prompt-to-prompt's code)
     strength: float = 0.5     # SDEdit: the noise level z_0 is taken to (0: none, 1: pure noise)
     seed: int = 0             # SDEdit's noise; StyleDiffusion's mapping-network initialisation
     null_text: dict = field(default_factory=dict)        # null_text_inversion keyword arguments
@@ -63,10 +73,10 @@ class EditSettings:
         return cls(**dict(settings or {}))
 
 
-# the edit's own settings; Algorithm 1's (inner, adam, mapping, early_stop, ...) default to the module's
-STYLE_DEFAULTS = {"tau_v": 0.6, "tau_c": 0.6, "tau_s": 0.8, "tau_u": 0.5,
-                  "image_encoder": {"path": None, "build": None}, "map_resolution": 16, "map_blocks": ("down", "up")}
-STYLE_MODULE_KEYS = ("mapping", "inner", "adam", "early_stop", "early_stop_growth", "attention_weight")
+# the edit's own settings; Algorithm 1's (inner, adam, mapping, early_stop, ...) and the taus (editing) default
+# to StyleDiffusionModule's
+STYLE_DEFAULTS = {"image_encoder": {"path": None, "build": None}, "map_resolution": 16, "map_blocks": ("down", "up")}
+STYLE_MODULE_KEYS = ("mapping", "inner", "adam", "early_stop", "early_stop_growth", "attention_weight", "editing")
 
 
 def _pair(backbone: Backbone, source: str, target: str):
@@ -87,10 +97,19 @@ def _controller(backbone: Backbone, source: str, target: str, s: EditSettings, t
     return edit_controller(backbone.tokenizers[0], source, [target], s.controller, s.tau_c, s.tau_s, tau_u)
 
 
-def _sample_controlled(backbone, cond, start, uncond, num_steps, guidance_scale, controller) -> torch.Tensor:
-    with AttentionHub(backbone.unet, [controller]) as hub:
+def _blend(backbone: Backbone, source: str, target: str, s: EditSettings):
+    """The LocalBlend of s.blend_words (None when off); built before any inversion, so a bad word stops at once."""
+    from lightning_modules.style_diffusion import edit_blend
+
+    return edit_blend(backbone.tokenizers[0], [source, target], s.blend_words, s.blend_threshold)
+
+
+def _sample_controlled(backbone, cond, start, uncond, num_steps, guidance_scale, controller,
+                       blend=None) -> torch.Tensor:
+    controllers = [controller] if blend is None else [controller, blend]  # the blend after p2p: the edited maps
+    with AttentionHub(backbone.unet, controllers) as hub:
         return ddim_sample(backbone, cond, start.expand(2, *start.shape[1:]), uncond, num_steps, guidance_scale,
-                           hub=hub)
+                           hub=hub, step_callback=None if blend is None else blend.blend)
 
 
 # ----- the methods ---------------------------------------------------------------------------------
@@ -136,13 +155,14 @@ def sdedit(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_s
 def _null_text(backbone, z0, source, target, num_steps, guidance_scale, settings, tau_u) -> torch.Tensor:
     _check(z0, source, target)
     s = EditSettings.create(settings)
+    controller, blend = _controller(backbone, source, target, s, tau_u), _blend(backbone, source, target, s)
     cond_src, cond = _pair(backbone, source, target)
     trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
     schedule = null_text_inversion(backbone, trajectory, cond_src, num_steps, guidance_scale,
                                    **dict(s.null_text or {}))  # Mokady et al.'s settings by default
     with torch.no_grad():
-        return _sample_controlled(backbone, cond, trajectory[-1], schedule, num_steps, guidance_scale,
-                                  _controller(backbone, source, target, s, tau_u))
+        return _sample_controlled(backbone, cond, trajectory[-1], schedule, num_steps, guidance_scale, controller,
+                                  blend)
 
 
 def null_text_p2p(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
@@ -164,21 +184,37 @@ def negative_prompt_p2p(backbone: Backbone, z0: torch.Tensor, source: str, targe
     """Negative-prompt inversion (the source embedding as every step's uncond) + prompt-to-prompt."""
     _check(z0, source, target)
     s = EditSettings.create(settings)
+    controller, blend = _controller(backbone, source, target, s, None), _blend(backbone, source, target, s)
     cond_src, cond = _pair(backbone, source, target)
     trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
     return _sample_controlled(backbone, cond, trajectory[-1], negative_prompt_inversion(cond_src, num_steps),
-                              num_steps, guidance_scale, _controller(backbone, source, target, s, None))
+                              num_steps, guidance_scale, controller, blend)
 
 
-@torch.no_grad()
 def style_diffusion(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 30,
                     guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
     """StyleDiffusion: Algorithm 1 on z_0's trajectory, then the P2Plus edit (the replay and the target)."""
+    return _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, settings, sdedit=False)
+
+
+def style_diffusion_sdedit(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 30,
+                           guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+    """StyleDiffusion + SDEdit (Sec. 5.2.5): Algorithm 1, then the target leaves the replay at step
+    round((1 - settings.strength) T) and denoises with its prompt, without attention control."""
+    return _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, settings, sdedit=True)
+
+
+@torch.no_grad()
+def _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, settings, sdedit: bool):
     from datamodules.trajectories import invert_latents
-    from lightning_modules.style_diffusion import StyleDiffusionModule, edit
+    from lightning_modules.style_diffusion import StyleDiffusionModule, check_blend_words, edit
 
     _check(z0, source, target)
     s = EditSettings.create(settings)
+    if sdedit:
+        sdedit_start(num_steps, s.strength)  # a bad strength stops before Algorithm 1
+    if s.blend_words is not None:
+        check_blend_words([source, target], s.blend_words)  # before Algorithm 1, not after it
     cfg = {**STYLE_DEFAULTS, **dict(s.style_diffusion or {})}
     encoder = {"path": None, "build": None, **dict(cfg["image_encoder"] or {})}
     if not encoder["path"]:
@@ -198,8 +234,10 @@ def style_diffusion(backbone: Backbone, z0: torch.Tensor, source: str, target: s
     try:
         inversion = module.fit_image(pixels.to(backbone.device, torch.float32), source, trajectory, "image",
                                      generator)
-        return edit(backbone, module.attention_hub(), inversion, [target], cfg["tau_v"], cfg["tau_c"],
-                    cfg["tau_s"], cfg["tau_u"], s.controller, guidance_scale)
+        taus = module.editing  # tau_v, tau_c, tau_s, tau_u: the settings' editing over the module's defaults
+        return edit(backbone, module.attention_hub(), inversion, [target], taus["tau_v"], taus["tau_c"],
+                    taus["tau_s"], taus["tau_u"], s.controller, guidance_scale, s.blend_words, s.blend_threshold,
+                    sdedit_strength=s.strength if sdedit else None)
     finally:
         module.teardown("edit")  # the UNet gets its processors back
 
@@ -212,7 +250,10 @@ METHODS: dict[str, EditMethod] = {
     "null_text_p2plus": null_text_p2plus,
     "negative_prompt_p2p": negative_prompt_p2p,
     "style_diffusion": style_diffusion,
+    "style_diffusion_sdedit": style_diffusion_sdedit,
 }
+BLEND_METHODS = ("null_text_p2p", "null_text_p2plus", "negative_prompt_p2p", "style_diffusion",
+                 "style_diffusion_sdedit")  # the methods that read blend_words
 # steps of each method in the paper's comparison: 50 for the null-text / P2P family (methods.md), T = 30
 # for StyleDiffusion (Sec. 4.1) and the same 50 for the other baselines
-DEFAULT_STEPS = {name: 50 for name in METHODS} | {"style_diffusion": 30}
+DEFAULT_STEPS = {name: 50 for name in METHODS} | {"style_diffusion": 30, "style_diffusion_sdedit": 30}

@@ -43,8 +43,9 @@ at step i. `edit` samples [source, targets] in one batch: the source row as `rec
 target row with the target prompt as keys and M_i's values for steps i < tau_v T, the target
 prompt's own embedding as values after; a prompt-to-prompt controller (AttentionReplace for
 equal word counts, else AttentionRefine) with tau_c, tau_s and P2Plus's tau_u
-(`uncond_self_steps`: the unconditional branch's self-attention replaced too). LocalBlend is not
-implemented.
+(`uncond_self_steps`: the unconditional branch's self-attention replaced too), and with `blend_words`
+prompt-to-prompt's LocalBlend (diffusion/attention.py): target rows change only where the blend words
+attend.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from datamodules.trajectories import Trajectory, step_maps
-from diffusion.attention import AttentionHub, AttentionRefine, AttentionReplace, AttentionStore
+from diffusion.attention import (AttentionHub, AttentionRefine, AttentionReplace, AttentionStore, LocalBlend,
+                                 prompt_words)
 from diffusion.backbone import Backbone, Conditioning
 from diffusion.image_encoder import ENCODER_KEY, ImageEncoder, ensure_encoder
 from diffusion.mapping import MappingNetworks
@@ -169,15 +171,52 @@ def edit_controller(tokenizer, source: str, targets: Sequence[str], mode: str = 
                                     uncond_self_steps=tau_u)
 
 
+BlendWords = Sequence[str | Sequence[str]]  # one entry per prompt, the source's first: a word or a list of words
+
+
+def check_blend_words(prompts: Sequence[str], blend_words: BlendWords) -> list[list[str]]:
+    """blend_words as one list of words per prompt; a one-line ConfigError unless each is made of its prompt's words."""
+    names = ["source", *(["target"] if len(prompts) == 2 else [f"target {k}" for k in range(1, len(prompts))])]
+    if not isinstance(blend_words, (list, tuple)) or len(blend_words) != len(prompts):
+        raise ConfigError(f"blend_words={blend_words!r} needs {len(prompts)} entries, the source prompt's words "
+                          f"then each target's, e.g. [cat,dog] or [[cat],[dog,hat]]")
+    lists = [[str(w) for w in entry] if isinstance(entry, (list, tuple)) else [str(entry)] for entry in blend_words]
+    for name, prompt, words in zip(names, prompts, lists):
+        for word in words:
+            if word not in prompt_words(prompt):
+                raise ConfigError(f"blend word {word!r} is not in the {name} prompt {prompt!r}; blend_words lists "
+                                  f"the source prompt's words, then the target's")
+    return lists
+
+
+def edit_blend(tokenizer, prompts: Sequence[str], blend_words: BlendWords | None,
+               threshold: float = 0.3) -> LocalBlend | None:
+    """Prompt-to-prompt's LocalBlend over [source, *targets]; None (off) when blend_words is None.
+
+    blend_words: one entry per prompt, the source's first, each a word or a list of words of that prompt:
+    ["cat", "dog"] for "a cat" -> "a dog", [["cat"], ["cat", "hat"]] for "a cat" -> "a cat with a hat".
+    """
+    if blend_words is None:
+        return None
+    return LocalBlend.from_prompts(tokenizer, list(prompts), check_blend_words(prompts, blend_words),
+                                   threshold=threshold)
+
+
 @torch.no_grad()
 def edit(backbone: Backbone, hub: AttentionHub, inversion: StyleInversion, targets: Sequence[str] | str,
          tau_v: float = 0.6, tau_c: float = 0.6, tau_s: float = 0.8, tau_u: float | None = 0.5,
-         controller: str = "auto", guidance_scale: float | None = None) -> torch.Tensor:
+         controller: str = "auto", guidance_scale: float | None = None, blend_words: BlendWords | None = None,
+         blend_threshold: float = 0.3, sdedit_strength: float | None = None) -> torch.Tensor:
     """Latents [1 + n, C, h, w]: the source's replay, then each target prompt's edit (Sec. 3.4).
 
     Target rows use the target prompt as keys; their values are M_i(E(x)) for steps i < tau_v T and
     the target prompt's embedding after. The controller edits the conditional maps (tau_c, tau_s) and,
-    P2Plus, the unconditional branch's self-attention for steps < tau_u T.
+    P2Plus, the unconditional branch's self-attention for steps < tau_u T. With `blend_words` (see
+    `edit_blend`) LocalBlend keeps each target row to where its words and the source's attend.
+
+    `sdedit_strength` s: StyleDiffusion + SDEdit (Sec. 5.2.5) instead of prompt-to-prompt. The target
+    rows follow the source's replay (the inversion's own noisy latents, not fresh noise) until step
+    round((1 - s) T), then denoise with their prompt and the same value rule, with no attention control.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     w = inversion.guidance_scale if guidance_scale is None else guidance_scale
@@ -193,11 +232,26 @@ def edit(backbone: Backbone, hub: AttentionHub, inversion: StyleInversion, targe
         tgt = values[i].expand(n, *values[i].shape[1:]) if mapped else target_text
         return value_rows(uncond, torch.cat([values[i], tgt.to(values[i].dtype)]), w != 1.0)
 
-    p2p = edit_controller(backbone.tokenizers[0], inversion.prompt, targets, controller, tau_c, tau_s, tau_u)
+    p2p = None
+    if sdedit_strength is None:
+        p2p = edit_controller(backbone.tokenizers[0], inversion.prompt, targets, controller, tau_c, tau_s, tau_u)
+        follow = 0
+    else:
+        from diffusion.editing import sdedit_start
+
+        follow = sdedit_start(steps, sdedit_strength)  # the first step the targets take themselves
+    blend = edit_blend(backbone.tokenizers[0], [inversion.prompt, *targets], blend_words, blend_threshold)
+
+    def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i < follow:  # x is the input of step i + 1 <= follow: the targets take the source's latent
+            x = x[:1].expand_as(x).clone()
+        return x if blend is None else blend.blend(i, x)
+
     start = inversion.latent_T.to(backbone.device).expand(1 + n, *inversion.latent_T.shape[1:])
-    with hub.using(p2p):
+    with hub.using(*[c for c in (p2p, blend) if c is not None]):  # the blend after p2p: it reads the edited maps
         return ddim_sample(backbone, cond, start, uncond, steps, w, hub=hub,
-                           cross_attention_kwargs=lambda i: {"value_hidden_states": rows(i)})
+                           cross_attention_kwargs=lambda i: {"value_hidden_states": rows(i)},
+                           step_callback=after_step if follow or blend is not None else None)
 
 
 # ----- artifacts -----------------------------------------------------------------------------------
@@ -251,7 +305,7 @@ class StyleDiffusionModule(DiffusionModule):
         self.early_stop, self.early_stop_growth = float(early_stop), float(early_stop_growth)
         self.attention_weight = float(attention_weight)
         self.editing = {"tau_v": 0.6, "tau_c": 0.6, "tau_s": 0.8, "tau_u": 0.5, "controller": "auto",
-                        **dict(editing or {})}
+                        "blend_words": None, "blend_threshold": 0.3, "sdedit_strength": None, **dict(editing or {})}
         self.out_dir = Path(out_dir) if out_dir else None
         self.save_hyperparameters({"backbone": self.backbone_config, "image_encoder": self.encoder_config,
                                    "num_steps": num_steps, "guidance_scale": guidance_scale,
@@ -263,6 +317,7 @@ class StyleDiffusionModule(DiffusionModule):
         self.mappings: MappingNetworks | None = None
         self.map_blocks: tuple[str, ...] = ("down", "up")
         self.done: set[int] = set()
+        self.batches_done = 0  # the data stream's position on resume (a batch takes many optimizer steps)
         self.exported: list[Path] = []
         self.latest: StyleInversion | None = None
         self._standalone_optimizer: torch.optim.Optimizer | None = None
@@ -380,6 +435,7 @@ class StyleDiffusionModule(DiffusionModule):
             if self.out_dir is not None and self.trainer.is_global_zero:
                 self.exported += self._export(self.out_dir, inversion)
             self.done.add(index)
+        self.batches_done += 1
         total = len(getattr(datamodule, "records", None) or [])
         if total and len(self.done) >= total:
             self.trainer.should_stop = True
@@ -409,7 +465,8 @@ class StyleDiffusionModule(DiffusionModule):
         """[source replay, edits...] of an inverted image; settings override module.editing."""
         cfg = {**self.editing, **settings}
         z = edit(self.backbone, self.attention_hub(), self._inversion(image), targets, cfg["tau_v"], cfg["tau_c"],
-                 cfg["tau_s"], cfg["tau_u"], cfg["controller"])
+                 cfg["tau_s"], cfg["tau_u"], cfg["controller"], blend_words=cfg["blend_words"],
+                 blend_threshold=cfg["blend_threshold"], sdedit_strength=cfg["sdedit_strength"])
         return self.backbone.decode_latents(z) if decode else z
 
     def _export(self, root: Path, inversion: StyleInversion) -> list[Path]:
@@ -432,7 +489,9 @@ class StyleDiffusionModule(DiffusionModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["style_diffusion_done"] = sorted(self.done)
+        checkpoint["style_diffusion_batches"] = self.batches_done
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.done = set(checkpoint.get("style_diffusion_done", []))
+        self.batches_done = int(checkpoint.get("style_diffusion_batches", len(self.done)))

@@ -1,5 +1,5 @@
 """Behaviour of diffusion/attention.py on the tiny SD model: the hub, recording, prompt-to-prompt
-edits, separate value inputs and LAG's masked blending.
+edits, LocalBlend, separate value inputs and LAG's masked blending.
 
 The tiny UNet has seven Transformer2DModels (down_blocks.0 and up_blocks.1 at 32x32 latents, the
 others at 16x16), each with one self- (attn1) and one cross-attention (attn2) layer.
@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 import diffusion.attention as attention_module
 from diffusion.attention import (AttentionCall, AttentionController, AttentionHub, AttentionRefine, AttentionReplace,
                                  AttentionReweight, AttentionState, AttentionStore, ControlledAttnProcessor,
-                                 Place, PromptToPromptEdit, TokenMask, refinement_mapper,
+                                 LocalBlend, Place, PromptToPromptEdit, TokenMask, refinement_mapper,
                                  replacement_mapper, word_token_indices)
 from diffusion.backbone import Conditioning
 
@@ -575,3 +575,88 @@ def test_token_mask_under_cfg_repeats_the_conditional_mask(tiny):
         score = maps[..., CAT]
         assert m.shape[0] == 4 and torch.equal(m[:2], m[2:])
         assert torch.equal(m[2:].flatten(1).bool(), score > score.median(-1, keepdim=True).values)
+
+
+# ----- LocalBlend (prompt-to-prompt) -------------------------------------------------------------
+def test_local_blend_sums_the_conditional_word_maps_of_the_16x16_down_and_up_layers(tiny, tok):
+    """Per prompt, its own word's cross maps, heads averaged, summed over the 16x16 layers of the down and up
+    blocks (mid excluded) and over calls, from the conditional half: other unconditional rows change nothing."""
+    prompts = [SRC, DOG]
+    assert word_token_indices(tok, DOG, "dog") == [CAT]
+    store = AttentionStore(cond_only=True, resolutions=[16], blocks=("down", "up"))
+    blend = LocalBlend.from_prompts(tok, prompts, ["cat", ["dog"]])
+    other_uncond = LocalBlend.from_prompts(tok, prompts, ["cat", "dog"])
+    x, cond = cfg_batch(tiny, prompts, latents(2))
+    noisy = Conditioning.cat([tiny.encode_prompt([RED_CAT, ZEBRA]), tiny.encode_prompt(prompts)])
+    with AttentionHub(tiny.unet, [store, blend]) as hub, hub.sampling_state(cfg=True, step=0, num_steps=1):
+        unet(tiny, x, cond)
+        unet(tiny, x, cond)
+        hub.controllers[:] = [other_uncond]
+        unet(tiny, x, noisy)
+        unet(tiny, x, noisy)
+    assert {p.block for p in store.maps} == {"down", "up"} and len(store.maps) == 3  # down_blocks.1, up_blocks.0 x2
+    expected = sum(m[..., CAT] for maps in store.maps.values() for m in maps).reshape(2, 1, 16, 16)
+    torch.testing.assert_close(blend.total, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(other_uncond.total, blend.total, atol=1e-6, rtol=1e-6)
+    assert blend.num_steps == 1
+
+
+def spot_maps(spots, hw=(16, 16), heads=2, keys=4):
+    """Conditional probs [n, heads, Q, keys] whose key 1 is 1 at head 0 of each row's spot, 0.2 elsewhere."""
+    probs = torch.zeros(len(spots), heads, hw[0] * hw[1], keys)
+    probs[:, :, :, 1] = 0.2
+    for row, (y, x) in enumerate(spots):
+        probs[row, 0, y * hw[1] + x, 1] = 1.0  # head mean 0.6 at the spot, 0.2 elsewhere: 1 / 0.33 after / max
+    return probs
+
+
+def spot_mask(y, x, scale=2, side=32):
+    """The latent mask of a spot: its 3x3 neighbourhood (the max-pool), each map pixel `scale` latent pixels."""
+    mask = torch.zeros(1, side, side, dtype=torch.bool)
+    mask[:, scale * (y - 1):scale * (y + 2), scale * (x - 1):scale * (x + 2)] = True
+    return mask
+
+
+def test_local_blend_keeps_targets_inside_the_union_with_the_source_mask():
+    """Each row's mask is its words' map, 3x3 max-pooled, resized, divided by its max, > threshold; from step
+    int(0.2 N) on each target row keeps its own values inside (its mask or the source's) and takes the
+    source row's outside; the source row never changes. Unconditional rows are not read."""
+    spots = [(2, 2), (10, 10), (5, 12)]  # the source, two targets
+    blend = LocalBlend(torch.tensor([[0.0, 1, 0, 0]] * 3), threshold=0.34)  # 0.2 / 0.6 = 0.33 stays out
+    place = Place("up_blocks.0.attentions.0.transformer_blocks.0.attn2", "up", True)
+    probs = torch.cat([torch.rand(3, 2, 256, 4) * 10, spot_maps(spots)])  # [uncond (never read); cond]
+    state = AttentionState(step=0, num_steps=10, cfg=True)
+    assert torch.equal(blend(probs, AttentionCall(place, (16, 16), state)), probs)
+    own = torch.stack([spot_mask(*spot) for spot in spots])
+    assert torch.equal(blend.masks((32, 32)), own)
+
+    x = latents(3)
+    assert blend.blend(1, x) is x  # before int(0.2 * 10) = 2
+    out = blend.blend(2, x)
+    assert torch.equal(out[0], x[0])
+    for row in (1, 2):
+        union = own[row] | own[0]
+        assert torch.equal(out[row], torch.where(union, x[row], x[0])), row
+        assert 0 < union.float().mean() < 1
+
+    blend.threshold = 1.5  # nothing passes: every target is the source
+    assert torch.equal(blend.blend(9, x), x[:1].expand_as(x))
+    blend.threshold = 0.3  # prompt-to-prompt's: the 0.33 background passes too, nothing is blended
+    assert torch.equal(blend.blend(9, x), x)
+
+
+def test_local_blend_selection_and_errors(tok):
+    """Every token of every word of a prompt is selected; words must be in their prompts, one entry per prompt;
+    blending needs maps of its resolution."""
+    blend = LocalBlend.from_prompts(tok, [SRC, ZEBRA], [["a", "cat"], "zebra"])
+    assert blend.selection[0].nonzero().flatten().tolist() == [1, 4, CAT]
+    assert blend.selection[1].nonzero().flatten().tolist() == [5, 6, 7, 8]
+    with pytest.raises(ValueError, match="does not occur"):
+        LocalBlend.from_prompts(tok, [SRC, DOG], ["cat", "cat"])
+    with pytest.raises(ValueError, match="one per prompt"):
+        LocalBlend.from_prompts(tok, [SRC, DOG], ["cat"])
+    coarse = LocalBlend(blend.selection, resolution=8)
+    place = Place("up_blocks.0.attentions.0.transformer_blocks.0.attn2", "up", True)
+    coarse(torch.rand(2, 2, 256, K), AttentionCall(place, (16, 16), AttentionState(step=0, num_steps=5)))
+    with pytest.raises(ValueError, match="no cross-attention at 8x8"):
+        coarse.blend(4, latents(2))

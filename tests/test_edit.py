@@ -12,9 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from diffusion.editing import METHODS, EditSettings, ddim_word_swap, null_text_p2p, sdedit, sdedit_start
+import diffusion.editing as editing
+from diffusion.attention import LocalBlend
+from diffusion.editing import (BLEND_METHODS, METHODS, EditSettings, ddim_word_swap, null_text_p2p, sdedit,
+                               sdedit_start)
 from diffusion.image_encoder import build_random_encoder
 from diffusion.sampling import ddim_sample, initial_noise
+from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE, TARGET = "a red circle", "a blue circle"
@@ -81,6 +85,62 @@ def test_sdedit_strength_zero_keeps_the_image_and_one_ignores_it(tiny):
     assert relative_error(half[0][:1], z0) < relative_error(full[0][:1], z0)
 
 
+# ----- LocalBlend ---------------------------------------------------------------------------------
+BLEND = ["red", "blue"]  # the source prompt's word, then the target's
+
+
+def test_local_blend_keeps_the_edit_inside_the_mask_and_the_source_outside(tiny, monkeypatch):
+    """With blend_words, from step int(0.2 N) on, every step's edited row takes the source row's latents outside
+    the union of both words' masks and keeps its own inside; earlier steps and the source row are untouched.
+    On the random tiny model the normalised maps lie in [0.83, 1], so 0.93 splits them (0.3 keeps all)."""
+    n, calls, blend_step = 5, [], LocalBlend.blend
+
+    def spy(self, i, x):
+        out = blend_step(self, i, x)
+        calls.append((self, i, x.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(LocalBlend, "blend", spy)
+    z0 = sampled_latents(tiny, 6)
+    settings = {"null_text": {"inner_steps": 2, "lr": 0.1}}
+    plain = null_text_p2p(tiny, z0, SOURCE, TARGET, n, 7.5, settings)
+    assert calls == []  # off by default
+    out = null_text_p2p(tiny, z0, SOURCE, TARGET, n, 7.5, {**settings, "blend_words": BLEND, "blend_threshold": 0.93})
+    assert [i for _, i, _, _ in calls] == list(range(n))
+    assert torch.equal(calls[0][3], calls[0][2])  # step 0 < int(0.2 * 5) = 1
+    blend, _, before, after = calls[-1]
+    assert torch.equal(out, after) and torch.equal(out[0], plain[0])  # the source row is the plain edit's
+    own = blend.masks(out.shape[-2:])
+    union = (own[1] | own[0]).expand_as(out[1])
+    assert 0 < union.float().mean() < 1
+    assert torch.equal(out[1][~union], before[0][~union]) and torch.equal(out[1][union], before[1][union])
+    assert not torch.equal(out[1], plain[1])
+
+
+def test_empty_blend_mask_makes_every_p2p_method_return_the_source(tiny, tiny_dir, encoder_dir):
+    """A threshold above 1 leaves no mask: the edited row is the reconstruction after every method's last step."""
+    z0 = sampled_latents(tiny)
+    settings = EditSettings(null_text={"inner_steps": 2, "lr": 0.1}, blend_words=BLEND, blend_threshold=1.5,
+                            style_diffusion={"image_encoder": {"path": str(encoder_dir)}, "inner": {"K": 2}},
+                            backbone_config={"path": str(tiny_dir)})
+    for name in BLEND_METHODS:
+        out = METHODS[name](tiny, z0, SOURCE, TARGET, 3, 7.5, settings)
+        assert torch.equal(out[1], out[0]), name
+
+
+def test_a_blend_word_missing_from_its_prompt_stops_before_the_inversion(tiny, monkeypatch):
+    def no_inversion(*args, **kwargs):
+        raise AssertionError("the inversion ran before the blend words were checked")
+
+    monkeypatch.setattr(editing, "ddim_invert", no_inversion)
+    z0 = sampled_latents(tiny, 2)
+    for name in BLEND_METHODS:
+        with pytest.raises(ConfigError, match="blend word 'green' is not in the target prompt 'a blue circle'"):
+            METHODS[name](tiny, z0, SOURCE, TARGET, 3, 7.5, {"blend_words": ["red", "green"]})
+    with pytest.raises(ConfigError, match="needs 2 entries"):
+        null_text_p2p(tiny, z0, SOURCE, TARGET, 3, 7.5, {"blend_words": ["red"]})
+
+
 # ----- edit.py -----------------------------------------------------------------------------------
 def run_edit(*overrides: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -115,7 +175,7 @@ def test_edit_py_writes_the_images_and_refuses_a_second_run(tiny_dir, encoder_di
     info = json.loads((out / "edit.json").read_text())
     assert info["method"] == "style_diffusion" and info["num_steps"] == 3
     assert info["source"] == f"{SOURCE} on a gray background" and info["target"] == f"{TARGET} on a gray background"
-    assert info["seconds_per_step"] > 0 and info["settings"]["style_diffusion"]["tau_u"] == 0.5
+    assert info["seconds_per_step"] > 0 and info["settings"]["style_diffusion"]["editing"]["tau_u"] == 0.5
     before = (out / "edited.png").read_bytes()
     again = run_edit(*args[:3], "method=sdedit", *args[4:])
     assert again.returncode == 2 and len(error_lines(again)) == 1 and "already holds a run" in again.stderr
@@ -137,3 +197,27 @@ def test_edit_py_bad_input_is_one_error_line(override, message, image_file, tmp_
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "run" / "edit.json").exists()
+
+
+def test_edit_py_with_blend_words(tiny_dir, image_file, tmp_path):
+    out = tmp_path / "run"
+    proc = run_edit(f"image={image_file}", f"source={SOURCE}", f"target={TARGET}", "method=null_text_p2p",
+                    "model=tiny", f"model.path={tiny_dir}", "num_steps=3", "null_text.inner_steps=1",
+                    "blend_words=[red,blue]", "device=cpu", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    settings = json.loads((out / "edit.json").read_text())["settings"]
+    assert settings["blend_words"] == BLEND and settings["blend_threshold"] == 0.3
+    assert Image.open(out / "edited.png").size == (64, 64)
+
+
+@pytest.mark.parametrize("method, words, message", [
+    ("null_text_p2p", "[red,green]", "blend word 'green' is not in the target prompt 'a blue circle'"),
+    ("style_diffusion", "[red,blue,circle]", "needs 2 entries"),
+    ("negative_prompt_p2p", "red", "needs 2 entries"),
+    ("sdedit", "[red,blue]", "blend_words applies to the prompt-to-prompt methods"),
+])
+def test_edit_py_bad_blend_words_are_one_error_line(method, words, message, image_file, tmp_path):
+    proc = run_edit(f"image={image_file}", f"source={SOURCE}", f"target={TARGET}", f"method={method}",
+                    f"blend_words={words}", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}")
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]

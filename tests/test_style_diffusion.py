@@ -4,6 +4,7 @@ replay and P2Plus editing, the exported artifacts and the method config."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import lightning as L
 import numpy as np
@@ -20,7 +21,7 @@ from diffusion.inversion import reconstruct as replay_with_uncond
 from diffusion.mapping import MappingNetwork, MappingNetworks
 from diffusion.sampling import generate
 from lightning_modules.style_diffusion import (StyleDiffusionModule, adam_settings, inner_iterations,
-                                               load_inversion, reconstruct, save_inversion)
+                                               edit, load_inversion, reconstruct, save_inversion)
 from tests.helpers import compose_cfg
 from utils.errors import ConfigError
 
@@ -231,6 +232,40 @@ def test_edit_uses_mapped_values_before_tau_v_and_installs_p2plus(fitted, monkey
     assert (edited[1] - edited[0]).abs().mean() > 1e-4
 
 
+def test_sdedit_after_the_inversion_follows_the_replay_until_its_start(fitted, monkeypatch):
+    """StyleDiffusion + SDEdit: no prompt-to-prompt controller; the target row equals the source's
+    replay after every step before round((1 - s) T) and takes its own course from there."""
+    import lightning_modules.style_diffusion as style_module
+
+    module, _, inversion, _ = fitted
+    backbone, hub = module.backbone, module.attention_hub()
+    after: list[torch.Tensor] = []  # the latents after each step, as the sampler continues with them
+    sample = style_module.ddim_sample
+
+    def recording(*args, step_callback=None, **kwargs):
+        def wrapped(i, x):
+            out = x if step_callback is None else step_callback(i, x)
+            after.append(out.clone())
+            return out
+        return sample(*args, step_callback=wrapped, **kwargs)
+
+    monkeypatch.setattr(style_module, "ddim_sample", recording)
+    installed = []
+    add = hub.add
+    monkeypatch.setattr(hub, "add", lambda c: installed.append(c) or add(c))
+    target = "a red square"
+    kept = edit(backbone, hub, inversion, [target], sdedit_strength=0.0)  # round(1 * 3) = 3: never its own
+    torch.testing.assert_close(kept[1], kept[0], atol=0, rtol=0)
+    after.clear()
+    half = edit(backbone, hub, inversion, [target], sdedit_strength=0.7)  # round(0.3 * 3) = 1
+    assert torch.equal(after[0][1], after[0][0]) and not torch.equal(after[1][1], after[1][0])
+    free = edit(backbone, hub, inversion, [target], sdedit_strength=1.0)  # from z*_T, like the source
+    assert installed == []  # SDEdit instead of prompt-to-prompt
+    torch.testing.assert_close(half[0], kept[0], atol=0, rtol=0)  # the source row is the replay either way
+    torch.testing.assert_close(free[0], kept[0], atol=0, rtol=0)
+    assert (half[1] - kept[1]).abs().mean() > 1e-4 and (free[1] - half[1]).abs().mean() > 1e-4
+
+
 def test_exported_inversion_replays_the_same(fitted, tmp_path):
     module, _, inversion, _ = fitted
     paths = save_inversion(tmp_path / "00", inversion, {"backbone": "tiny"})
@@ -255,6 +290,45 @@ def test_lightning_fit_inverts_every_image_once(tiny_dir, encoder_dir, image_dir
     assert (tmp_path / "run" / "style_diffusion" / "00" / "mapping_networks.safetensors").is_file()
 
 
+def test_resumed_fit_continues_with_the_next_image(tiny_dir, encoder_dir, image_dir, tmp_path):
+    """A run stopped after its first image and resumed from the checkpoint inverts the remaining
+    images in the order an uninterrupted run does (the stream counts images, not optimizer steps)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("00", "01", "02"):
+        shutil.copy(image_dir / "00.png", folder / f"{name}.png")
+    (folder / "prompts.json").write_text(json.dumps({"00": PROMPT, "01": PROMPT, "02": "a dog"}))
+    seen: list[int] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(int(batch["index"][0]))
+
+    class StopAfterFirst(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = True
+
+    def fit(root: str, callbacks=(), ckpt_path=None) -> StyleDiffusionModule:
+        module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder_dir)}, num_steps=T,
+                                      inner={"K": 2})
+        data = TrajectoryDataModule(str(folder), "tiny", str(tmp_path / "cache"), resolution=64, num_steps=T)
+        trainer = L.Trainer(accelerator="cpu", max_steps=-1, max_epochs=-1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                            enable_checkpointing=bool(callbacks), callbacks=[Record(), *callbacks])
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module
+
+    fit(str(tmp_path / "whole"))
+    whole, seen[:] = list(seen), []
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    fit(str(tmp_path / "first"), [checkpoint, StopAfterFirst()])
+    assert len(seen) == 1 and sorted(whole) == [0, 1, 2]
+    module = fit(str(tmp_path / "rest"), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert seen == whole and module.done == {0, 1, 2} and module.batches_done == 3
+
+
 # ----- config ----------------------------------------------------------------------------------------
 def test_method_config_composes(tmp_path, image_dir):
     cfg = compose_cfg("train", ["method=style_diffusion", "model=tiny", f"data.images_dir={image_dir}",
@@ -265,4 +339,15 @@ def test_method_config_composes(tmp_path, image_dir):
     module = instantiate(cfg.module)
     assert isinstance(data, TrajectoryDataModule) and isinstance(module, StyleDiffusionModule)
     assert module.adam == {"lr": 1e-4, "betas": (0.0, 0.999), "lr_decay": 0.0}
-    assert cfg.callbacks.sample_grid is None
+    assert module.editing["tau_v"] == 0.6 and module.editing["blend_words"] is None and module.inner["K"] == 100
+    assert cfg.callbacks.sample_grid is None and cfg.callbacks.model_checkpoint.every_n_train_steps == 1
+
+
+def test_edit_config_shares_the_style_diffusion_settings(tmp_path):
+    """edit.py's style_diffusion.* and train.py's module.* come from the one settings file."""
+    train = compose_cfg("train", ["method=style_diffusion", "model=tiny", f"paths.cache_dir={tmp_path}"], tmp_path)
+    edit_cfg = compose_cfg("edit", ["style_diffusion.editing.tau_v=0.4"], tmp_path)
+    for key in ("mapping", "inner", "adam", "early_stop", "early_stop_growth", "attention_weight"):
+        assert edit_cfg.style_diffusion[key] == train.module[key], key
+    assert edit_cfg.style_diffusion.editing.tau_v == 0.4 and train.module.editing.tau_v == 0.6
+    assert edit_cfg.style_diffusion.editing.tau_u == train.module.editing.tau_u == 0.5

@@ -115,7 +115,8 @@ def profiled_step(backbone, sampler, prompts: list[str], lag: bool, top: int = 1
     from diffusion.sampling import guided_epsilon
 
     cond, uncond = backbone.encode_prompt(prompts), backbone.encode_prompt([""])
-    x = torch.randn(len(prompts), backbone.unet.config.in_channels, *(backbone.resolution // 8,) * 2, device=backbone.device,
+    side = backbone.resolution // 8
+    x = torch.randn(len(prompts), backbone.unet.config.in_channels, side, side, device=backbone.device,
                     dtype=backbone.dtype)
     t = torch.tensor(500, device=backbone.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

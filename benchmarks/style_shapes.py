@@ -313,7 +313,8 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="a CLIP ViT-B/16 folder (default: a random one)")
     parser.add_argument("--adam", default="paper", help="StyleDiffusion's optimiser preset: paper | code")
     parser.add_argument("--methods", type=lambda text: text.split(","), default=None,
-                        help=f"comma-separated, of {', '.join(METHODS)} (reconstruct) or {', '.join(EDIT_METHODS)} (edit)")
+                        help=f"comma-separated, of {', '.join(METHODS)} (reconstruct) or "
+                             f"{', '.join(EDIT_METHODS)} (edit)")
     parser.add_argument("--shard", type=lambda text: tuple(int(v) for v in text.split("/")), default=(0, 1),
                         help="edit: i/n runs every n-th case from case i (for parallel processes)")
     parser.add_argument("--strength", type=float, default=0.5, help="edit: SDEdit's noise level")

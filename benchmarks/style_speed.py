@@ -72,7 +72,7 @@ def main() -> None:
 
     from datamodules.image_set import load_image
     from datamodules.trajectories import invert_latents
-    from diffusion.editing import EditSettings, _controller, _sample_controlled
+    from diffusion.editing import EditSettings, p2p_controller, sample_controlled
     from diffusion.inversion import null_text_inversion
     from lightning_modules.style_diffusion import StyleDiffusionModule, edit
 
@@ -118,10 +118,10 @@ def main() -> None:
     hub = module.attention_hub()
     passes = {
         "style_diffusion_p2plus": lambda: edit(backbone, hub, inversion, [TARGET], guidance_scale=w),
-        "null_text_p2p": lambda: _sample_controlled(backbone, cond, latents[-1], schedule, n, w,
-                                                    _controller(backbone, SOURCE, TARGET, settings, None)),
-        "null_text_p2plus": lambda: _sample_controlled(backbone, cond, latents[-1], schedule, n, w,
-                                                       _controller(backbone, SOURCE, TARGET, settings, 0.5)),
+        "null_text_p2p": lambda: sample_controlled(backbone, cond, latents[-1], schedule, n, w,
+                                                   p2p_controller(backbone, SOURCE, TARGET, settings, None)),
+        "null_text_p2plus": lambda: sample_controlled(backbone, cond, latents[-1], schedule, n, w,
+                                                      p2p_controller(backbone, SOURCE, TARGET, settings, 0.5)),
     }
     times: dict[str, list[float]] = {name: [] for name in passes}
     with torch.no_grad():

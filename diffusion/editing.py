@@ -27,10 +27,10 @@ both rows sampled in one batch with the same start latent, steps and guidance:
   follows the source's replay until step round((1 - s) T) (s = `settings.strength`) and denoises from
   that latent with its prompt (the same tau_v value rule), with no attention control.
 
-LocalBlend (prompt-to-prompt): the P2P-family methods and both StyleDiffusion ones (`BLEND_METHODS`) take `settings.blend_words`,
-the source prompt's words then the target's (["cat", "dog"], or lists of words), and
-`settings.blend_threshold`; the edited row then changes only inside the union of both words' attention
-masks (lightning_modules.style_diffusion.edit_blend; None = off).
+LocalBlend (prompt-to-prompt): the P2P-family methods and both StyleDiffusion ones (`BLEND_METHODS`)
+take `settings.blend_words`, the source prompt's words then the target's (["cat", "dog"], or lists of
+words), and `settings.blend_threshold`; the edited row then changes only inside the union of both
+words' attention masks (lightning_modules.style_diffusion.edit_blend; None = off).
 
 `METHODS` maps each name to its function; `DEFAULT_STEPS` gives each method's step count of the paper.
 """
@@ -91,7 +91,8 @@ def _check(z0: torch.Tensor, source: str, target: str) -> None:
             raise ConfigError(f"the {name} prompt is empty; give the words that describe the image")
 
 
-def _controller(backbone: Backbone, source: str, target: str, s: EditSettings, tau_u: float | None):
+def p2p_controller(backbone: Backbone, source: str, target: str, s: EditSettings, tau_u: float | None):
+    """The prompt-to-prompt controller of the P2P baselines (s.controller, s.tau_c, s.tau_s; P2Plus with tau_u)."""
     from lightning_modules.style_diffusion import edit_controller
 
     return edit_controller(backbone.tokenizers[0], source, [target], s.controller, s.tau_c, s.tau_s, tau_u)
@@ -104,8 +105,9 @@ def _blend(backbone: Backbone, source: str, target: str, s: EditSettings):
     return edit_blend(backbone.tokenizers[0], [source, target], s.blend_words, s.blend_threshold)
 
 
-def _sample_controlled(backbone, cond, start, uncond, num_steps, guidance_scale, controller,
-                       blend=None) -> torch.Tensor:
+def sample_controlled(backbone, cond, start, uncond, num_steps, guidance_scale, controller,
+                      blend=None) -> torch.Tensor:
+    """[source, target] sampled from one start latent under `controller` (and LocalBlend `blend`)."""
     controllers = [controller] if blend is None else [controller, blend]  # the blend after p2p: the edited maps
     with AttentionHub(backbone.unet, controllers) as hub:
         return ddim_sample(backbone, cond, start.expand(2, *start.shape[1:]), uncond, num_steps, guidance_scale,
@@ -155,13 +157,13 @@ def sdedit(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_s
 def _null_text(backbone, z0, source, target, num_steps, guidance_scale, settings, tau_u) -> torch.Tensor:
     _check(z0, source, target)
     s = EditSettings.create(settings)
-    controller, blend = _controller(backbone, source, target, s, tau_u), _blend(backbone, source, target, s)
+    controller, blend = p2p_controller(backbone, source, target, s, tau_u), _blend(backbone, source, target, s)
     cond_src, cond = _pair(backbone, source, target)
     trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
     schedule = null_text_inversion(backbone, trajectory, cond_src, num_steps, guidance_scale,
                                    **dict(s.null_text or {}))  # Mokady et al.'s settings by default
     with torch.no_grad():
-        return _sample_controlled(backbone, cond, trajectory[-1], schedule, num_steps, guidance_scale, controller,
+        return sample_controlled(backbone, cond, trajectory[-1], schedule, num_steps, guidance_scale, controller,
                                   blend)
 
 
@@ -184,10 +186,10 @@ def negative_prompt_p2p(backbone: Backbone, z0: torch.Tensor, source: str, targe
     """Negative-prompt inversion (the source embedding as every step's uncond) + prompt-to-prompt."""
     _check(z0, source, target)
     s = EditSettings.create(settings)
-    controller, blend = _controller(backbone, source, target, s, None), _blend(backbone, source, target, s)
+    controller, blend = p2p_controller(backbone, source, target, s, None), _blend(backbone, source, target, s)
     cond_src, cond = _pair(backbone, source, target)
     trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
-    return _sample_controlled(backbone, cond, trajectory[-1], negative_prompt_inversion(cond_src, num_steps),
+    return sample_controlled(backbone, cond, trajectory[-1], negative_prompt_inversion(cond_src, num_steps),
                               num_steps, guidance_scale, controller, blend)
 
 

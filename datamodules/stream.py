@@ -51,6 +51,6 @@ def stream_position(trainer) -> tuple[int, int, int]:
     such as StyleDiffusion's Algorithm 1)."""
     if trainer is None:
         return 0, 0, 1
-    done = getattr(trainer.lightning_module, "batches_done", None)
+    done = getattr(getattr(trainer, "lightning_module", None), "batches_done", None)
     first = done if done is not None else trainer.global_step * trainer.accumulate_grad_batches
     return first, trainer.global_rank, trainer.world_size

@@ -22,9 +22,9 @@ steps, guidance 7.5). The probes read each edit against the target scene: succes
 attribute reads the target value; preservation = the edited object's other attributes, the other
 object's attributes and the background read as in the source. NS-PSNR compares edit and render
 outside the edited object (its exact footprint in the source and target renders, dilated by one
-pixel); NS-LPIPS (AlexNet at 256 px, the same region blacked out in both) and Structure-dist (DINO
-ViT-B/8 keys' self-similarity) need their local weights (conf/metrics/editing.yaml) and are left out
-without them.
+pixel). NS-LPIPS (`metrics.image_quality.NSLPIPS`: AlexNet at 256 px, that region blacked out in both)
+and Structure-dist (DINO ViT-B/8 keys' self-similarity) need their local weights
+(conf/metrics/editing.yaml) and are left out without them.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, dev
     from diffusion.editing import DEFAULT_STEPS, METHODS, EditSettings
     from datamodules.shapes.render import render_scene
     from metrics.dino import StructureDistance
-    from metrics.lpips import LPIPSNet
+    from metrics.image_quality import NSLPIPS
     from metrics.shapes_probes import default_probe, score_readings
     from utils.images import save_png
 
@@ -196,7 +196,7 @@ def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, dev
     if unknown:
         raise SystemExit(f"unknown method {unknown[0]!r}; use some of {', '.join(EDIT_METHODS)}")
     weights = ROOT / "metric_models"
-    lpips = optional_metric(lambda: LPIPSNet("alex", weights / "alexnet-owt-7be5be79.pth").to(device))
+    lpips = optional_metric(lambda: NSLPIPS("alex", weights / "alexnet-owt-7be5be79.pth").to(device))
     structure = optional_metric(lambda: StructureDistance(weights / "dino-vitb8").to(device))
     backbone = load_backbone(str(ROOT / "models" / "shapes")).to(device)
     encoder_dir = Path(encoder) if encoder else ROOT / ".cache" / "models" / "clip-vit-b16-random"
@@ -238,7 +238,8 @@ def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, dev
                 "background_kept": float(scores["background"][0]),
                 "count": float(scores["count"][0]),
                 "ns_psnr": masked_psnr(edited[0], image, keep),
-                "ns_lpips": None if lpips is None else ns_lpips(lpips, edited[0], image, keep, device),
+                "ns_lpips": None if lpips is None else one_score(lpips, edited.to(device), image[None].to(device),
+                                                                 (~keep)[None].float().to(device)),
                 "structure_dist": None if structure is None else float(
                     structure.scores(edited.to(device), image[None].to(device))[0]),
                 "seconds": seconds}
@@ -264,14 +265,11 @@ def masked_psnr(image: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor
     return float(10 * torch.log10(1 / mse.clamp_min(1e-10)))
 
 
-def ns_lpips(net, image: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor, device: str) -> float:
-    """LPIPS at 256 px with the edited region blacked out in both images (methods.md's NS-LPIPS)."""
-    def prepared(x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate((x * keep)[None], size=256, mode="bilinear", align_corners=False)
-        return (x * 2 - 1).to(device)
-
-    with torch.no_grad():
-        return float(net(prepared(image), prepared(reference))[0])
+def one_score(metric, *inputs: torch.Tensor) -> float:
+    """A per-image-mean metric's value for one image."""
+    metric.reset()
+    metric.update(*inputs)
+    return float(metric.compute())
 
 
 def edit_table(out: Path) -> dict:

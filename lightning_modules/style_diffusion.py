@@ -232,14 +232,12 @@ def edit(backbone: Backbone, hub: AttentionHub, inversion: StyleInversion, targe
         tgt = values[i].expand(n, *values[i].shape[1:]) if mapped else target_text
         return value_rows(uncond, torch.cat([values[i], tgt.to(values[i].dtype)]), w != 1.0)
 
-    p2p = None
-    if sdedit_strength is None:
-        p2p = edit_controller(backbone.tokenizers[0], inversion.prompt, targets, controller, tau_c, tau_s, tau_u)
-        follow = 0
-    else:
-        from diffusion.editing import sdedit_start
+    from diffusion.editing import sdedit_start
 
-        follow = sdedit_start(steps, sdedit_strength)  # the first step the targets take themselves
+    sdedit = sdedit_strength is not None
+    follow = sdedit_start(steps, sdedit_strength) if sdedit else 0  # the first step the targets take themselves
+    p2p = None if sdedit else edit_controller(backbone.tokenizers[0], inversion.prompt, targets, controller, tau_c,
+                                              tau_s, tau_u)
     blend = edit_blend(backbone.tokenizers[0], [inversion.prompt, *targets], blend_words, blend_threshold)
 
     def after_step(i: int, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ with their captions.
     python benchmarks/style_shapes.py reconstruct --out runs/style --count 50 [--steps 30] [--adam code]
     # -> runs/style/reconstruction.json (per image and means) and a grid of the first 8 images
     python benchmarks/style_shapes.py edit --out runs/style_edit --count 24 [--shard 0/2]
-    python benchmarks/style_shapes.py edit_table --out runs/style_edit   # merges the shards' edit_*.json
+    python benchmarks/style_shapes.py edit_table --out runs/style_edit   # merges the runs' edit_*of*.json
 
 Every method starts from the same DDIM inversion at guidance 1 with the caption (T steps) and samples
 back at guidance 7.5: DDIM inversion as it is, null-text inversion (per-step unconditional embeddings,
@@ -18,13 +18,14 @@ reconstruction with the rendered image (the autoencoder's own round trip is repo
 (shape, colour or texture) of one object, the attribute and object taking turns; every method of
 diffusion/editing.py edits the render from the source caption to the target caption (StyleDiffusion +
 P2Plus at T = 30, null-text + P2P, null-text + P2Plus, DDIM inversion + word swap and SDEdit at 50
-steps, guidance 7.5). The probes read each edit against the target scene: success = the edited
-attribute reads the target value; preservation = the edited object's other attributes, the other
-object's attributes and the background read as in the source. NS-PSNR compares edit and render
-outside the edited object (its exact footprint in the source and target renders, dilated by one
-pixel). NS-LPIPS (`metrics.image_quality.NSLPIPS`: AlexNet at 256 px, that region blacked out in both)
-and Structure-dist (DINO ViT-B/8 keys' self-similarity) need their local weights
-(conf/metrics/editing.yaml) and are left out without them.
+steps, StyleDiffusion + SDEdit at T = 30, guidance 7.5; SDEdit's strength 0.5 for both). The probes
+read each edit against the target scene: success = the edited attribute reads the target value;
+preservation = the edited object's other attributes, the other object's attributes and the background
+read as in the source. NS-PSNR compares edit and render outside the edited object (its exact
+footprint in the source and target renders, dilated by one pixel). NS-LPIPS
+(`metrics.image_quality.NSLPIPS`: AlexNet at 256 px, that region blacked out in both) and
+Structure-dist (DINO ViT-B/8 keys' self-similarity) need their local weights (conf/metrics/editing.yaml)
+and are left out without them.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def reconstruct(out: Path, count: int, steps: int, encoder: str | None, adam: st
     return result
 
 
-EDIT_METHODS = ("style_diffusion", "null_text_p2p", "null_text_p2plus", "ddim_word_swap", "sdedit")
+EDIT_METHODS = ("style_diffusion", "null_text_p2p", "null_text_p2plus", "ddim_word_swap", "sdedit",
+                "style_diffusion_sdedit")
 EDIT_ATTRIBUTES = ("shape", "colour", "texture")
 
 
@@ -191,17 +193,22 @@ def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, dev
     from metrics.image_quality import NSLPIPS
     from metrics.shapes_probes import default_probe, score_readings
     from utils.images import save_png
+    from utils.io import write_json
 
     unknown = sorted(set(methods) - set(EDIT_METHODS))
     if unknown:
         raise SystemExit(f"unknown method {unknown[0]!r}; use some of {', '.join(EDIT_METHODS)}")
+    index, parts = shard
+    name = f"edit_{'+'.join(methods)}_{index}of{parts}"  # runs of other methods on the same cases sit beside it
+    path = out / f"{name}.json"
+    if path.exists():
+        raise SystemExit(f"{path} exists; give another --out (edit_table merges every run in a folder)")
     weights = ROOT / "metric_models"
     lpips = optional_metric(lambda: NSLPIPS("alex", weights / "alexnet-owt-7be5be79.pth").to(device))
     structure = optional_metric(lambda: StructureDistance(weights / "dino-vitb8").to(device))
     backbone = load_backbone(str(ROOT / "models" / "shapes")).to(device)
     encoder_dir = Path(encoder) if encoder else ROOT / ".cache" / "models" / "clip-vit-b16-random"
     probe = default_probe(device)
-    index, parts = shard
     rows, grid = [], []
     for k, case in enumerate(edit_cases(count)):
         if k % parts != index:
@@ -250,12 +257,10 @@ def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, dev
         print(k, f"{attribute} of object {obj}:", prompt, {m: round(v["success"]) for m, v in row["methods"].items()},
               flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"edit_{index}of{parts}.json"
-    path.write_text(json.dumps({"count": count, "methods": methods, "strength": strength,
-                                "encoder": str(encoder_dir) if encoder else "random ViT-B/16", "rows": rows},
-                               indent=2))
+    write_json(path, {"count": count, "methods": methods, "strength": strength,
+                      "encoder": str(encoder_dir) if encoder else "random ViT-B/16", "rows": rows})
     if grid:  # columns: render, target render, then each method's edit
-        save_png(torch.cat(grid, dim=-2), out / f"edit_grid_{index}of{parts}.png")
+        save_png(torch.cat(grid, dim=-2), out / f"{name}_grid.png")
     return path
 
 
@@ -273,12 +278,21 @@ def one_score(metric, *inputs: torch.Tensor) -> float:
 
 
 def edit_table(out: Path) -> dict:
-    """Merge the shards' rows and print the per-method means (all cases, and per edited attribute)."""
+    """Merge every run's rows (shards, and runs of other methods on the same cases) and print the
+    per-method means over the cases every method has (all of them, and per edited attribute)."""
+    from utils.io import write_json
+
     parts = sorted(out.glob("edit_*of*.json"))
     if not parts:
         raise SystemExit(f"no edit_*of*.json in {out}; run the edit phase first")
-    rows = sorted((r for p in parts for r in json.loads(p.read_text())["rows"]), key=lambda r: r["case"])
-    methods = list(rows[0]["methods"])
+    by_case: dict[int, dict] = {}
+    for part in parts:
+        for row in json.loads(part.read_text())["rows"]:
+            merged = by_case.setdefault(row["case"], {**row, "methods": {}})
+            merged["methods"].update(row["methods"])
+    found = set.intersection(*(set(r["methods"]) for r in by_case.values()))
+    methods = [m for m in EDIT_METHODS if m in found]
+    rows = [by_case[k] for k in sorted(by_case)]
     keys = ("success", "same_object_kept", "other_object_kept", "background_kept", "count", "ns_psnr", "ns_lpips",
             "structure_dist", "seconds")
 
@@ -292,7 +306,7 @@ def edit_table(out: Path) -> dict:
     by_attribute = {a: {m: mean([r for r in rows if r["attribute"] == a], m, "success") for m in methods}
                     for a in EDIT_ATTRIBUTES}
     result = {"cases": len(rows), "means": table, "success_by_attribute": by_attribute}
-    (out / "edit.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "edit.json", result)  # the merged table, rebuilt from the runs each time
     print(f"{len(rows)} cases")
     print("| method | " + " | ".join(keys) + " |")
     for m in [*methods, "target_render"]:

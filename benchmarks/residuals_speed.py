@@ -29,23 +29,12 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
 
-def reference_images(folder: Path, resolution: int, count: int = 4) -> Path:
-    """`count` renders of the sun_medal concept at the model's resolution (the shipped ones are 64 px)."""
-    import random
-
-    from datamodules.shapes.render import render_scene
-    from datamodules.shapes.world import concept_scene
-    from utils.images import save_png
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random("residuals-speed")
-    for k in range(count):
-        save_png(render_scene(concept_scene("sun_medal", rng), resolution)[0], folder / f"{k:02d}.png")
-    return folder
-
-
 def train(model: str, run: Path, trainer: str, overrides: list[str]) -> dict:
-    images = reference_images(run.parent / "references", model_resolution(model))
+    from datamodules.shapes.concepts import write_reference_set
+    from utils.config import model_config
+
+    resolution = int(model_config(model).resolution)  # the shipped renders are 64 px
+    images = write_reference_set("sun_medal", run.parent / "references", resolution) / "images"
     cmd = [sys.executable, "train.py", "method=residuals", f"model={model}", f"trainer={trainer}", "logger=csv",
            f"data.images_dir={images}",
            "data.templates=[\"a photo of a {}\"]", f"hydra.run.dir={run}", "callbacks.sample_grid=null",
@@ -58,24 +47,11 @@ def train(model: str, run: Path, trainer: str, overrides: list[str]) -> dict:
     return {"wall_s": time.time() - start, **timing}
 
 
-def model_config(model: str):
-    from hydra import compose, initialize_config_dir
-
-    from utils.config import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"model={model}"]).model
-
-
-def model_resolution(model: str) -> int:
-    return int(model_config(model).resolution)
-
-
 def sample(model: str, run: Path, repeats: int, batches: list[int], profile: bool = False) -> dict:
     """Per batch size (images per call): median seconds of one 50-step image set, plain and with LAG."""
     from diffusion.backbone import load_backbone
     from diffusion.residuals import load_residuals
+    from utils.config import model_config
 
     model_cfg = model_config(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -58,21 +58,17 @@ sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
 
 def sample(models: list[str], repeats: int) -> list[dict]:
-    from hydra import compose, initialize_config_dir
-
     from diffusion.backbone import load_backbone
     from diffusion.lora import add_lora, load_lora, lora_disabled, save_lora
     from diffusion.sampling import generate
     from diffusion.sliders import LoraSlider, SliderSet, TokenSlider
     from diffusion.tokens import PlaceholderTokens
-    from utils.config import register_resolvers
+    from utils.config import model_config
 
-    register_resolvers()
     rows = []
     for model in models:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"model={model}"])
-        backbone = load_backbone(**{k: v for k, v in cfg.model.items() if k != "dtype"}, dtype="bfloat16").to(DEVICE)
+        backbone = load_backbone(**{k: v for k, v in model_config(model).items() if k != "dtype"},
+                                 dtype="bfloat16").to(DEVICE)
         prompt = "a photo of a person"
 
         def run(p: str, sliders: SliderSet = SliderSet(), backbone=backbone):

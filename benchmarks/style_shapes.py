@@ -169,8 +169,9 @@ def edit_cases(count: int, seed: int = 0) -> list[dict]:
 
 def edit_region(source_masks: torch.Tensor, target_masks: torch.Tensor, obj: int) -> torch.Tensor:
     """[H, W] bool: object `obj`'s footprint in the source or the target render, dilated by one pixel."""
-    region = ((source_masks[obj] > 0) | (target_masks[obj] > 0)).float()[None, None]
-    return torch.nn.functional.max_pool2d(region, 3, stride=1, padding=1)[0, 0] > 0
+    from utils.morphology import dilate
+
+    return dilate(((source_masks[obj] > 0) | (target_masks[obj] > 0)).float()) > 0
 
 
 def optional_metric(build):

@@ -49,15 +49,10 @@ def timed(fn):
 
 
 def load(model: str, device: str):
-    from hydra import compose, initialize_config_dir
-
     from diffusion.backbone import load_backbone
-    from utils.config import register_resolvers
+    from utils.config import model_config
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={model}"])
-    config = {k: v for k, v in cfg.model.items() if k != "dtype"}
+    config = {k: v for k, v in model_config(model).items() if k != "dtype"}
     return load_backbone(**config, dtype="float32").to(device), config
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.morphology import dilate
+
 
 @dataclass(frozen=True)
 class Place:
@@ -556,7 +558,7 @@ class LocalBlend(AttentionController):
         if self.total is None:
             raise ValueError(f"LocalBlend saw no cross-attention at {self.resolution}x{self.resolution} in the "
                              f"{sorted(self.blocks)} blocks; set its resolution to one the UNet has")
-        maps = F.max_pool2d(self.total, kernel_size=3, stride=1, padding=1)  # prompt-to-prompt's k = 1
+        maps = dilate(self.total)  # the 3x3 max-pool of prompt-to-prompt (k = 1)
         maps = F.interpolate(maps, size=tuple(latent_hw))  # nearest, as prompt-to-prompt
         maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)  # a row without words: no mask
         return maps > self.threshold

@@ -315,7 +315,6 @@ class StyleDiffusionModule(DiffusionModule):
         self.mappings: MappingNetworks | None = None
         self.map_blocks: tuple[str, ...] = ("down", "up")
         self.done: set[int] = set()
-        self.batches_done = 0  # the data stream's position on resume (a batch takes many optimizer steps)
         self.exported: list[Path] = []
         self.latest: StyleInversion | None = None
         self._standalone_optimizer: torch.optim.Optimizer | None = None
@@ -433,10 +432,15 @@ class StyleDiffusionModule(DiffusionModule):
             if self.out_dir is not None and self.trainer.is_global_zero:
                 self.exported += self._export(self.out_dir, inversion)
             self.done.add(index)
-        self.batches_done += 1
         total = len(getattr(datamodule, "records", None) or [])
         if total and len(self.done) >= total:
             self.trainer.should_stop = True
+
+    @property
+    def batches_done(self) -> int:
+        """The data stream's position on resume (a batch takes many optimizer steps): the stream visits
+        the images in a fresh order each pass, one per batch, so the batches done are the images done."""
+        return len(self.done)
 
     @staticmethod
     def _image_name(datamodule, index: int) -> str:
@@ -487,9 +491,7 @@ class StyleDiffusionModule(DiffusionModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["style_diffusion_done"] = sorted(self.done)
-        checkpoint["style_diffusion_batches"] = self.batches_done
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.done = set(checkpoint.get("style_diffusion_done", []))
-        self.batches_done = int(checkpoint.get("style_diffusion_batches", len(self.done)))

@@ -23,6 +23,21 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sum", lambda *values: sum(int(v) for v in values))
 
 
+def model_config(name: str) -> DictConfig:
+    """conf/model/<name>.yaml as train.py composes it (paths resolved against the project root), for
+    scripts that load a backbone without an entry point's config."""
+    import os
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    root = Path(__file__).resolve().parents[1]
+    os.environ.setdefault("PROJECT_ROOT", str(root))
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"model={name}"]).model
+
+
 def instantiate_list(cfg: DictConfig | None) -> list:
     """Instantiate every entry with a _target_ of a config group like callbacks/ or logger/."""
     if not cfg:

@@ -46,6 +46,17 @@ def test_shipped_model_loads_in_diffusers(name):
     assert "_name_or_path" not in json.loads((MODELS[name] / "unet" / "config.json").read_text())
 
 
+@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "models").iterdir() if p.is_dir()))
+def test_stock_diffusers_samples_every_shipped_folder_without_a_dtype(folder):
+    """As the README shows it: from_pretrained(path) with no dtype argument, then a call, on the CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / "models" / folder))
+    images = pipe("a large red circle on a gray background", num_inference_steps=2, height=64, width=64,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_shipped_model_samples_through_our_loader(name):
     backbone = load_backbone(str(MODELS[name]), dtype="float32")

@@ -11,7 +11,16 @@ autoencoder (the text encoder frozen when `train_text_encoder` is false): a seco
 text encoder (shapes_b), the stand-in for models that share CLIP (SDXL and SD1.5). `unet_from`
 names a pipeline folder whose UNet training continues from (an exported model, trained further).
 With `init_from`, `decoder_steps` > 0 first fine-tunes the autoencoder's decoder alone: the encoder
-stays frozen, so the latents, their scaling factor and every UNet trained on them stay valid.
+stays frozen, so the latents, their scaling factor and every UNet trained on them stay valid;
+`object_weight` weighs the objects' pixels up in its L1 (a badge's small inner emblem is what blurs).
+`vae_from` takes the autoencoder from another pipeline folder (such a decoder fine-tuning's export).
+A vocabulary word the `init_from` tokenizer lacks gets a new token; the rows of known tokens are kept.
+
+`attention_weight` > 0 adds TokenCompose's token loss (Wang et al. 2024, eq. 2) on the UNet's
+cross-attention at `attention_resolutions`: for every caption word that names an object or the
+background (the batch's `token_roles`), (1 - its attention mass inside that region / its total mass)^2,
+averaged over words and layers. It makes the model's words attend where their objects are, which the
+attention-based methods (EM masks, LAG, prompt-to-prompt) rely on.
 """
 
 from __future__ import annotations
@@ -27,12 +36,76 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import SD_BETAS, SD_DDIM
 from diffusion.clip_tokenizer import write_clip_tokenizer
 from utils.errors import ConfigError
 from utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
+
+
+def extend_vocabulary(tokenizer, text_encoder, words: list[str]):
+    """A tokenizer over `words` and the text encoder re-indexed to it: every token both vocabularies hold
+    keeps its embedding row, a new one starts from the mean row. Returns the new tokenizer."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        new = CLIPTokenizer.from_pretrained(write_clip_tokenizer(words, tmp))
+    old_rows = text_encoder.get_input_embeddings().weight.data
+    old_ids = tokenizer.get_vocab()
+    rows = old_rows.mean(0, keepdim=True).repeat(len(new), 1)
+    for token, i in new.get_vocab().items():
+        if token in old_ids:
+            rows[i] = old_rows[old_ids[token]]
+    embedding = torch.nn.Embedding(len(new), rows.shape[1])
+    embedding.weight.data.copy_(rows)
+    text_encoder.set_input_embeddings(embedding)
+    text_encoder.config.update(dict(vocab_size=len(new), bos_token_id=new.bos_token_id,
+                                    eos_token_id=new.eos_token_id, pad_token_id=new.pad_token_id))
+    return new
+
+
+def region_masks(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """[B, 2, H, W] object coverage -> [B, 3, h*w]: the two objects' and the background's share of each cell."""
+    background = 1 - masks.sum(1, keepdim=True).clamp(max=1)
+    regions = F.adaptive_avg_pool2d(torch.cat([masks, background], 1).float(), hw)
+    return regions.flatten(2)
+
+
+def token_attention_loss(maps: torch.Tensor, regions: torch.Tensor, roles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenCompose's token loss for one layer, and the mean share inside (for the logs).
+
+    maps [B, h*w, K] cross-attention (heads averaged), regions [B, R, h*w], roles [B, K] (the region each
+    token names, -1 for none); only tokens with a role count."""
+    maps = maps.float()
+    inside = torch.einsum("bpk,brp->bkr", maps, regions)
+    share = inside.gather(-1, roles.clamp(min=0)[..., None])[..., 0] / maps.sum(1).clamp_min(1e-8)
+    valid = roles >= 0
+    return ((1 - share[valid]) ** 2).mean(), share[valid].detach().mean()
+
+
+class CaptionIds:
+    """The tokenizer's padded ids for captions, looked up word by word where every word is one token of
+    the vocabulary (the world's captions). Same ids as the tokenizer; far cheaper: its per-word BPE over a
+    batch of 512 captions took longer than the training step. Other text goes through the tokenizer."""
+
+    def __init__(self, tokenizer, words: list[str]):
+        self.tokenizer = tokenizer
+        pieces = {w: tokenizer(w, add_special_tokens=False).input_ids for w in words}
+        self.word_ids = {w: ids[0] for w, ids in pieces.items() if len(ids) == 1}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        tok, length = self.tokenizer, self.tokenizer.model_max_length
+        out = torch.full((len(prompts), length), tok.pad_token_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            words = prompt.split()
+            if len(words) + 2 <= length and all(w in self.word_ids for w in words):
+                ids = [tok.bos_token_id, *(self.word_ids[w] for w in words), tok.eos_token_id]
+            else:
+                ids = tok(prompt, truncation=True, max_length=length).input_ids
+            out[row, :len(ids)] = torch.tensor(ids)
+        return out
 
 
 def _schedule(start: int, warmup: int, total: int):
@@ -53,7 +126,8 @@ class PretrainModule(L.LightningModule):
                  vae_steps: int = 3000, lr_vae: float = 4e-4, lr_unet: float = 3e-4, warmup: int = 500,
                  weight_decay: float = 0.01, uncond_p: float = 0.1, kl_weight: float = 1e-6, ema_decay: float = 0.999,
                  init_from: str | None = None, unet_from: str | None = None, train_text_encoder: bool = True,
-                 decoder_steps: int = 0, seed: int = 0):
+                 decoder_steps: int = 0, object_weight: float = 0.0, vae_from: str | None = None,
+                 attention_weight: float = 0.0, attention_resolutions: tuple[int, ...] = (16, 8), seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         if init_from is None and vae_steps <= 0:
@@ -61,8 +135,13 @@ class PretrainModule(L.LightningModule):
         if decoder_steps > 0 and init_from is None:
             raise ConfigError("module.decoder_steps fine-tunes a trained autoencoder's decoder; set module.init_from "
                               "to a pipeline folder (from scratch, module.vae_steps trains the whole autoencoder)")
-        if unet_from is not None and not (Path(unet_from) / "unet").is_dir():
-            raise ConfigError(f"module.unet_from={unet_from} has no unet/ folder; give an exported pipeline")
+        for key, folder, part in (("unet_from", unet_from, "unet"), ("vae_from", vae_from, "vae")):
+            if folder is not None and not (Path(folder) / part).is_dir():
+                raise ConfigError(f"module.{key}={folder} has no {part}/ folder; give an exported pipeline")
+        if vae_from is not None and init_from is None:
+            raise ConfigError("module.vae_from replaces the autoencoder of module.init_from; set module.init_from too")
+        if attention_weight < 0 or object_weight < 0:
+            raise ConfigError("module.attention_weight and module.object_weight must be >= 0")
         self.built = False
 
     # ----- model -----------------------------------------------------------------------------------
@@ -80,7 +159,11 @@ class PretrainModule(L.LightningModule):
                 raise ConfigError(f"module.init_from={base} is not a pipeline folder; train the first model first")
             self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
             self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32)
-            self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+            if any(len(self.tokenizer(w, add_special_tokens=False).input_ids) != 1 for w in hp.words):
+                self.tokenizer = extend_vocabulary(self.tokenizer, self.text_encoder, hp.words)
+                log.info("vocabulary extended to %d tokens", len(self.tokenizer))
+            vae_base = Path(hp.vae_from or base)
+            self.vae = AutoencoderKL.from_pretrained(vae_base, subfolder="vae", torch_dtype=torch.float32)
             self.vae.requires_grad_(False)
             if hp.decoder_steps > 0:
                 self.vae.decoder.requires_grad_(True)
@@ -101,6 +184,12 @@ class PretrainModule(L.LightningModule):
         self.ema = {name: copy.deepcopy(getattr(self, name)).requires_grad_(False).eval()
                     for name in ("unet", "text_encoder")}
         self.noise_scheduler = DDPMScheduler(**SD_BETAS, num_train_timesteps=1000)
+        self.caption_ids = CaptionIds(self.tokenizer, hp.words)
+        self.attention_store = None
+        if hp.attention_weight > 0:  # after the EMA copy: the exported UNet keeps diffusers' processors
+            self.attention_store = AttentionStore(blocks=("down", "up"), resolutions=hp.attention_resolutions,
+                                                  with_grad=True)
+            self.hub = AttentionHub(self.unet, [self.attention_store])
         self.built = True
 
     @property
@@ -113,26 +202,30 @@ class PretrainModule(L.LightningModule):
         return self.global_step < self.autoencoder_steps
 
     # ----- losses ----------------------------------------------------------------------------------
-    def vae_loss(self, pixels: torch.Tensor) -> torch.Tensor:
+    def vae_loss(self, pixels: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         decoder_only = self.hparams.init_from is not None
         with torch.set_grad_enabled(not decoder_only):
             posterior = self.vae.encode(pixels).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
-        rec = F.l1_loss(recon.float(), pixels.float())
+        error = (recon.float() - pixels.float()).abs()
+        rec = error.mean()
         if decoder_only:
             self.log("vae/l1", rec, prog_bar=True)
+            if self.hparams.object_weight > 0 and masks is not None:
+                objects = masks.sum(1, keepdim=True).clamp(max=1)
+                return (error * (1 + self.hparams.object_weight * objects)).mean()
             return rec
         kl = posterior.kl().mean()
         self.log_dict({"vae/l1": rec, "vae/kl": kl}, prog_bar=True)
         return rec + self.hparams.kl_weight * kl
 
-    def diffusion_loss(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def diffusion_loss(self, pixels: torch.Tensor, prompts: list[str], masks: torch.Tensor | None = None,
+                       roles: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
         drop = torch.rand(len(prompts)) < self.hparams.uncond_p
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        ids = self.caption_ids(prompts).to(self.device, non_blocking=True)
         text = self.text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
@@ -140,17 +233,32 @@ class PretrainModule(L.LightningModule):
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
         loss = F.mse_loss(pred.float(), noise.float())
         self.log("train/loss", loss, prog_bar=True)
+        if self.attention_store is not None:
+            roles = roles.masked_fill(drop.to(roles.device)[:, None], -1)  # a dropped caption names nothing
+            loss = loss + self.hparams.attention_weight * self.attention_loss(masks, roles)
         return loss
+
+    def attention_loss(self, masks: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+        """TokenCompose's token loss averaged over the recorded layers (the store is emptied)."""
+        losses, shares = [], []
+        for place, maps in self.attention_store.select():
+            loss, share = token_attention_loss(maps, region_masks(masks, self.attention_store.hw[place]), roles)
+            losses.append(loss)
+            shares.append(share)
+        self.attention_store.reset()
+        self.log_dict({"train/attention": torch.stack(losses).mean(), "train/attention_share": torch.stack(shares).mean()},
+                      prog_bar=True)
+        return torch.stack(losses).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.in_vae_stage:
-            return self.vae_loss(batch["pixel_values"])
+            return self.vae_loss(batch["pixel_values"], batch.get("masks"))
         if self.global_step == self.autoencoder_steps > 0:
             if self.hparams.init_from is None:
                 self.set_latent_scale(batch["pixel_values"])
             else:
                 self.vae.requires_grad_(False)
-        return self.diffusion_loss(batch["pixel_values"], batch["prompt"])
+        return self.diffusion_loss(batch["pixel_values"], batch["prompt"], batch.get("masks"), batch.get("token_roles"))
 
     @torch.no_grad()
     def set_latent_scale(self, pixels: torch.Tensor) -> None:
@@ -203,15 +311,17 @@ class PretrainModule(L.LightningModule):
             self.vae.requires_grad_(False)
 
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:
-        """The EMA model as a diffusers StableDiffusionPipeline folder (fp16) under out_dir/pipeline."""
+        """The EMA model as a diffusers StableDiffusionPipeline folder under out_dir/pipeline: the UNet and
+        autoencoder in fp16 (diffusers loads them as fp32 unless told otherwise), the text encoder in fp32
+        (transformers keeps a file's dtype, and a fp16 text encoder feeding a fp32 UNet fails on the CPU)."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        if self.in_vae_stage:
-            log.warning("training stopped in the autoencoder stage: no pipeline to export")
+        if self.in_vae_stage and (self.hparams.init_from is None or self.hparams.unet_from is None):
+            log.warning("training stopped in the autoencoder stage before any UNet was trained: nothing to export")
             return []
         scheduler = DDIMScheduler(**SD_DDIM)
         pipe = StableDiffusionPipeline(vae=copy.deepcopy(self.vae).cpu().half(),
-                                       text_encoder=copy.deepcopy(self.ema["text_encoder"]).cpu().half(),
+                                       text_encoder=copy.deepcopy(self.ema["text_encoder"]).cpu().float(),
                                        tokenizer=self.tokenizer, unet=copy.deepcopy(self.ema["unet"]).cpu().half(),
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

@@ -410,9 +410,10 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene],
     "inner_colour" (wrong unless the object reads as a badge).
 
     An attribute a parsed caption leaves unstated (None, see `parse_caption`) scores NaN.
-    caption_only: judge a generated image by what its caption states. A caption names a badge only by
+    caption_only: judge a generated image by what its caption states. A plain caption names a badge only by
     its class word and size, so a badge's colour and texture score NaN and its badge attributes are left
-    out (use nanmean); the renders' full ground truth is for judging the probes themselves.
+    out (use nanmean); a badge named part by part (`parts_named`) is scored on all of them. The renders'
+    full ground truth is for judging the probes themselves.
     """
     keys = ("background", "count", "shape", "colour", "texture", "size", "area", "expected_area", *BADGE_HEADS)
     out: dict[str, list[float]] = {key: [] for key in keys}
@@ -421,7 +422,7 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene],
         out["count"].append(len(reading.objects) == len(scene.objects))
         for spec, j in zip(scene.objects, match_objects(reading, scene)):
             got = reading.objects[j] if j is not None else None
-            unstated = caption_only and spec.badge is not None
+            unstated = caption_only and spec.badge is not None and not spec.parts_named
             for name in ("shape", "colour", "texture"):
                 wanted = getattr(spec, name)
                 right = got is not None and getattr(got, name) == wanted

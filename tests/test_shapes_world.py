@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from datamodules.shapes.datamodule import ShapesDataModule, ShapesStream
+from datamodules.shapes.datamodule import ShapesDataModule, ShapesStream, token_roles
 from datamodules.shapes.render import render_batch, render_scene
-from datamodules.shapes.world import (BACKGROUNDS, COLOURS, CONCEPTS, SHAPES, SIZES, ObjectSpec, Scene, SceneSampler,
-                                      concept_scene, vocabulary)
+from datamodules.shapes.world import (BACKGROUND_ROLE, BACKGROUNDS, COLOURS, CONCEPTS, SHAPES, SIZES, Badge, ObjectSpec,
+                                      Scene, SceneSampler, concept_scene, parse_caption, vocabulary)
 
 
 def test_scenes_and_captions_are_deterministic_and_use_the_vocabulary():
@@ -163,3 +163,139 @@ def test_pretrain_rejects_missing_sources(tmp_path):
         PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, unet_from=str(tmp_path))
     with pytest.raises(ConfigError, match="module.decoder_steps fine-tunes a trained autoencoder's decoder"):
         PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, decoder_steps=5)
+    with pytest.raises(ConfigError, match="module.vae_from=.* has no vae/ folder"):
+        PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, init_from=str(tmp_path),
+                       vae_from=str(tmp_path))
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(ConfigError, match="module.vae_from replaces the autoencoder of module.init_from"):
+        PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, vae_from=str(tmp_path))
+    with pytest.raises(ConfigError, match="module.attention_weight and module.object_weight must be >= 0"):
+        PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, attention_weight=-1)
+
+
+# ----- v2: badges named part by part, caption roles, held-out compositions -------------------------
+def test_badges_named_part_by_part_parse_back_and_use_the_vocabulary():
+    sampler = SceneSampler(two_object_p=0.5, badge_p=1.0, parts_p=1.0)
+    words = set(vocabulary())
+    for i in range(200):
+        scene = sampler.sample(random.Random(i))
+        caption = scene.caption()
+        assert caption.count(" badge with a ") == len(scene.objects) and set(caption.split()) <= words
+        parsed = parse_caption(caption)
+        assert [o.badge for o in parsed.objects] == [o.badge for o in scene.objects]
+        assert all(o.parts_named for o in parsed.objects) and parsed.relation == scene.relation
+    plain = SceneSampler(badge_p=1.0, parts_p=0.0).sample(random.Random(0))
+    assert " with " not in plain.caption() and parse_caption(plain.caption()).objects[0].badge is None
+
+
+def test_parts_p_zero_keeps_the_earlier_scene_streams():
+    """No random draw for the caption form at parts_p=0: every v1 stream (probes, benchmarks) is unchanged."""
+    a, b = SceneSampler(badge_p=0.5), SceneSampler(badge_p=0.5, parts_p=0.0)
+    assert [a.sample(random.Random(i)).to_dict() for i in range(50)] == \
+           [b.sample(random.Random(i)).to_dict() for i in range(50)]
+
+
+def test_caption_words_name_each_object_and_the_background():
+    badge = Badge("hexagon", "purple", "star", "yellow")
+    scene = Scene("gray", [ObjectSpec("badge", "purple", 0.22, 0.3, 0.5, badge=badge, parts_named=True),
+                           ObjectSpec("circle", "red", 0.15, 0.7, 0.5, texture="striped")], "left of")
+    assert scene.caption() == ("a medium purple hexagon badge with a yellow star left of a small red striped circle "
+                               "on a gray background")
+    roles = [role for _, role in scene.caption_words()]
+    assert roles == [None, 0, 0, 0, 0, None, None, 0, 0, None, None, None, 1, 1, 1, 1, None, None,
+                     BACKGROUND_ROLE, BACKGROUND_ROLE]
+    positions = token_roles(scene)
+    assert positions.shape == (77,) and positions[0] == -1 and positions[1] == -1 and positions[2] == 0
+    assert positions[13].item() == 1 and positions[19].item() == BACKGROUND_ROLE and (positions[21:] == -1).all()
+
+
+def test_held_out_compositions_never_appear_in_the_training_stream():
+    """By construction (the sampler redraws a held-out badge) and over the pretraining stream's first
+    20,000 scenes: no held-out concept's four parts appear together, in any caption form."""
+    from datamodules.shapes.world import CONCEPTS
+
+    stream = ShapesStream(SceneSampler(two_object_p=0.6, badge_p=0.3, parts_p=0.5), seed=0)
+    held = set(CONCEPTS.values())
+    named = 0
+    for k in range(20_000):
+        scene = stream.scene(k)
+        parsed = parse_caption(scene.caption())
+        for obj, read in zip(scene.objects, parsed.objects):
+            assert obj.badge not in held and read.badge not in held
+            named += read.badge is not None
+    assert named > 1000  # the part-by-part form is well represented
+
+
+def test_stream_can_leave_the_drawing_to_the_device():
+    """render_on_device: the workers send scene tensors and the datamodule draws the same batch after transfer."""
+    common = dict(batch_size=6, num_workers=0, badge_p=0.5, parts_p=0.5)
+    drawn = next(iter(ShapesDataModule(**common).train_dataloader()))
+    module = ShapesDataModule(**common, render_on_device=True)
+    deferred = next(iter(module.train_dataloader()))
+    assert "pixel_values" not in deferred and deferred["scene_tensor"].shape[0] == 6
+    batch = module.on_after_batch_transfer(deferred, 0)
+    torch.testing.assert_close(batch["pixel_values"], drawn["pixel_values"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(batch["masks"], drawn["masks"], rtol=0, atol=1e-5)
+    assert torch.equal(batch["token_roles"], drawn["token_roles"]) and batch["prompt"] == drawn["prompt"]
+
+
+# ----- v2 pretraining pieces --------------------------------------------------------------------------
+def _world_tokenizer(tmp_path, words):
+    from transformers import CLIPTokenizer
+
+    from diffusion.clip_tokenizer import write_clip_tokenizer
+
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(words, tmp_path / "tok"))
+
+
+def test_caption_ids_equal_the_tokenizer(tmp_path):
+    from lightning_modules.pretrain import CaptionIds
+
+    tokenizer = _world_tokenizer(tmp_path, vocabulary())
+    sampler = SceneSampler(two_object_p=0.6, badge_p=0.5, parts_p=0.5)
+    prompts = [sampler.sample(random.Random(i)).caption() for i in range(300)] + ["", "a photo of a cat"]
+    want = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(CaptionIds(tokenizer, vocabulary())(prompts), want)
+
+
+def test_extended_vocabulary_keeps_every_known_token(tmp_path):
+    """A new word gets a row (the mean); known words keep theirs, so old captions encode exactly as before."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lightning_modules.pretrain import extend_vocabulary
+
+    old_words = [w for w in vocabulary() if w != "with"]
+    tokenizer = _world_tokenizer(tmp_path, old_words)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_attention_heads=2, num_hidden_layers=1,
+                                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                           pad_token_id=tokenizer.pad_token_id)).eval()
+    caption = "a small red striped circle left of a medium badge on a gray background"
+    before = encoder(tokenizer([caption], return_tensors="pt").input_ids)[0]
+    rows = encoder.get_input_embeddings().weight.detach().clone()
+    new = extend_vocabulary(tokenizer, encoder, vocabulary())
+    assert len(new(" with", add_special_tokens=False).input_ids) == 1
+    after = encoder(new([caption], return_tensors="pt").input_ids)[0]
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    with_row = encoder.get_input_embeddings().weight[new.convert_tokens_to_ids("with</w>")]
+    torch.testing.assert_close(with_row, rows.mean(0))
+    assert encoder.config.vocab_size == len(new) and encoder.config.eos_token_id == new.eos_token_id
+
+
+def test_token_attention_loss_by_hand():
+    """TokenCompose's token loss: (1 - share of a word's attention inside its region)^2, over words with a role."""
+    from lightning_modules.pretrain import region_masks, token_attention_loss
+
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, :2, :2] = 1  # object 0: the top-left quarter; no object 1; background: the other 3/4
+    regions = region_masks(masks, (2, 2))
+    assert torch.equal(regions[0], torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1]]))
+    maps = torch.full((1, 4, 3), 0.25)  # 3 tokens, each spread evenly over the 4 cells
+    roles = torch.tensor([[0, 2, -1]])
+    loss, share = token_attention_loss(maps, regions, roles)
+    assert loss.item() == pytest.approx(((1 - 0.25) ** 2 + (1 - 0.75) ** 2) / 2)
+    assert share.item() == pytest.approx(0.5)
+    focused = torch.zeros(1, 4, 3)
+    focused[0, 0, 0] = focused[0, 1:, 1] = 1.0
+    assert token_attention_loss(focused, regions, roles)[0].item() == pytest.approx(0.0)

@@ -30,6 +30,8 @@ SIZES = {"small": (0.13, 0.18), "medium": (0.21, 0.26), "large": (0.30, 0.36)}
 RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
 BADGE_SHAPES = ("circle", "square", "hexagon", "diamond")  # outer shapes of badges
 CLASS_WORD = "badge"
+PARTS_WORD = "with"  # "a purple hexagon badge with a yellow star": a badge named part by part
+BACKGROUND_ROLE = 2  # caption_words' role of the background words (objects are 0 and 1)
 MIN_CONTRAST = 90.0  # RGB distance between an object's colour and its background
 
 
@@ -63,6 +65,7 @@ class ObjectSpec:
     texture: str | None = "plain"  # None: not stated (parsed captions)
     angle: float = 0.0         # degrees
     badge: Badge | None = None
+    parts_named: bool = False  # a badge whose caption names its outer shape, inner shape and colours
 
     @property
     def size_word(self) -> str | None:
@@ -73,11 +76,18 @@ class ObjectSpec:
                 return word
         return min(SIZES, key=lambda w: abs(sum(SIZES[w]) / 2 - self.size))
 
-    def phrase(self) -> str:
+    def phrase_words(self) -> list[str]:
+        """The words that describe this object in a caption (after its article)."""
+        if self.badge is not None and self.parts_named:
+            b = self.badge
+            return [self.size_word, b.outer_colour, b.outer, CLASS_WORD, PARTS_WORD, "a", b.inner_colour, b.inner]
         if self.badge is not None:
-            return f"{self.size_word} {CLASS_WORD}"
-        texture = "" if self.texture == "plain" else f"{self.texture} "
-        return f"{self.size_word} {self.colour} {texture}{self.shape}"
+            return [self.size_word, CLASS_WORD]
+        texture = [] if self.texture == "plain" else [self.texture]
+        return [self.size_word, self.colour, *texture, self.shape]
+
+    def phrase(self) -> str:
+        return " ".join(self.phrase_words())
 
 
 @dataclass
@@ -86,12 +96,20 @@ class Scene:
     objects: list[ObjectSpec] = field(default_factory=list)
     relation: str | None = None  # between objects[0] and objects[1]
 
+    def caption_words(self) -> list[tuple[str, int | None]]:
+        """The caption word by word, each with what it names: an object's index, BACKGROUND_ROLE, or None
+        (articles, relations, "on", "with"). The pretraining's attention loss reads the roles."""
+        words: list[tuple[str, int | None]] = []
+        for i, obj in enumerate(self.objects):
+            if i == 1:
+                words += [(w, None) for w in self.relation.split()]
+            words.append(("a", None))
+            words += [(w, None if w in (PARTS_WORD, "a") else i) for w in obj.phrase_words()]
+        return words + [("on", None), ("a", None), (self.background, BACKGROUND_ROLE),
+                        ("background", BACKGROUND_ROLE)]
+
     def caption(self) -> str:
-        first = self.objects[0].phrase()
-        if len(self.objects) == 1:
-            return f"a {first} on a {self.background} background"
-        second = self.objects[1].phrase()
-        return f"a {first} {self.relation} a {second} on a {self.background} background"
+        return " ".join(word for word, _ in self.caption_words())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,18 +130,20 @@ def contrasting_backgrounds(colour: str) -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word a caption can use (for the tokenizer)."""
-    words = {"a", "on", "background", CLASS_WORD, *SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES, *SIZES}
+    words = {"a", "on", "background", CLASS_WORD, PARTS_WORD, *SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES, *SIZES}
     for relation in RELATIONS:
         words.update(relation.split())
     return sorted(words)
 
 
 class SceneSampler:
-    """Draws random scenes; `badge_p` of objects are badges (never one of the held-out CONCEPTS)."""
+    """Draws random scenes; `badge_p` of objects are badges (never one of the held-out CONCEPTS), and
+    `parts_p` of badges are captioned part by part ("a medium purple hexagon badge with a yellow star")."""
 
     def __init__(self, two_object_p: float = 0.4, badge_p: float = 0.15, texture_p: float = 0.35,
-                 max_angle: float = 15.0, held_out: tuple[Badge, ...] = tuple(CONCEPTS.values())):
-        self.two_object_p, self.badge_p, self.texture_p = two_object_p, badge_p, texture_p
+                 parts_p: float = 0.0, max_angle: float = 15.0,
+                 held_out: tuple[Badge, ...] = tuple(CONCEPTS.values())):
+        self.two_object_p, self.badge_p, self.texture_p, self.parts_p = two_object_p, badge_p, texture_p, parts_p
         self.max_angle = max_angle
         self.held_out = set(held_out)
 
@@ -144,7 +164,8 @@ class SceneSampler:
         angle = rng.uniform(-self.max_angle, self.max_angle)
         if rng.random() < self.badge_p:
             badge = self._badge(rng, background)
-            return ObjectSpec("badge", badge.outer_colour, size, x, y, "plain", angle, badge)
+            named = self.parts_p > 0 and rng.random() < self.parts_p  # no draw at 0: v1's streams unchanged
+            return ObjectSpec("badge", badge.outer_colour, size, x, y, "plain", angle, badge, named)
         colour = rng.choice([c for c in COLOURS if _contrasts(c, background)])
         texture = rng.choice(TEXTURES[1:]) if rng.random() < self.texture_p else "plain"
         return ObjectSpec(rng.choice(SHAPES), colour, size, x, y, texture, angle)
@@ -180,6 +201,33 @@ def concept_scene(name: str, rng: random.Random, background: str | None = None) 
     return Scene(background, [obj])
 
 
+def _parse_phrase(tokens: list[str]) -> ObjectSpec | None:
+    """One object phrase ("a small red striped star", "a badge", "a medium purple hexagon badge with a yellow
+    star"), or None when it is outside the grammar."""
+    if tokens and tokens[0] == "a":
+        tokens = tokens[1:]
+    if PARTS_WORD in tokens:  # <size> <outer colour> <outer> badge with a <inner colour> <inner>
+        at = tokens.index(PARTS_WORD)
+        head, tail = tokens[:at], tokens[at + 1:]
+        size = head[0] if len(head) == 4 and head[0] in SIZES else None
+        head = head[1:] if size else head
+        if (len(head) != 3 or head[2] != CLASS_WORD or len(tail) != 3 or tail[0] != "a"
+                or head[0] not in COLOURS or head[1] not in BADGE_SHAPES or tail[1] not in COLOURS
+                or tail[2] not in SHAPES):
+            return None
+        badge = Badge(head[1], head[0], tail[2], tail[1])
+        return ObjectSpec(CLASS_WORD, badge.outer_colour, sum(SIZES[size]) / 2 if size else None, 0.5, 0.5,
+                          "plain", badge=badge, parts_named=True)
+    size = next((t for t in tokens if t in SIZES), None)
+    colour = next((t for t in tokens if t in COLOURS), None)
+    texture = next((t for t in tokens if t in TEXTURES), None)
+    shape = tokens[-1] if tokens else ""
+    if shape not in (*SHAPES, CLASS_WORD) or any(t not in {size, colour, texture, shape} for t in tokens):
+        return None
+    return ObjectSpec(shape, colour, sum(SIZES[size]) / 2 if size else None, 0.5, 0.5,
+                      texture or ("plain" if shape != CLASS_WORD else None))
+
+
 def parse_caption(caption: str) -> Scene:
     """The scene a caption of this world states, for judging a generated image by its prompt.
 
@@ -197,19 +245,11 @@ def parse_caption(caption: str) -> Scene:
     phrases = body.split(f" {relation} a ") if relation else [body]
     objects = []
     for phrase in phrases:
-        tokens = phrase.split()
-        if tokens and tokens[0] == "a":
-            tokens = tokens[1:]
-        size = next((t for t in tokens if t in SIZES), None)
-        colour = next((t for t in tokens if t in COLOURS), None)
-        texture = next((t for t in tokens if t in TEXTURES), None)
-        shape = tokens[-1] if tokens else ""
-        known = {size, colour, texture, shape}
-        if background not in BACKGROUNDS or shape not in (*SHAPES, CLASS_WORD) or any(t not in known for t in tokens):
-            raise DataError(f"{caption!r} is not a shapes-world caption: cannot read {' '.join(tokens)!r} on "
+        obj = _parse_phrase(phrase.split())
+        if background not in BACKGROUNDS or obj is None:
+            raise DataError(f"{caption!r} is not a shapes-world caption: cannot read {phrase!r} on "
                             f"a {background!r} background")
-        objects.append(ObjectSpec(shape, colour, sum(SIZES[size]) / 2 if size else None, 0.5, 0.5,
-                                  texture or ("plain" if shape != CLASS_WORD else None)))
+        objects.append(obj)
     if relation:  # the first object on the relation's side, as the sampler places them
         dx, dy = RELATIONS[relation]
         for obj, side in zip(objects, (1, -1)):

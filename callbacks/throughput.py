@@ -1,4 +1,10 @@
-"""Seconds per training step and peak GPU memory: logged, and written to timing.json at the end."""
+"""Seconds per training step and peak GPU memory: logged, and written to timing.json at the end.
+
+On a GPU the steps are timed by CUDA events recorded at the end of every batch and read once the GPU has
+passed them, so timing never makes the host wait for the GPU (a per-step synchronisation would stop the
+host from queueing the next step while the GPU works, and slow the very steps it measures). The time
+between two events is the step's period as the GPU sees it, waits for the host included.
+"""
 
 from __future__ import annotations
 
@@ -19,26 +25,42 @@ class StepTimer(L.Callback):
         self.dirpath = Path(dirpath)
         self.warmup = warmup
         self.times: list[float] = []
-        self._last: float | None = None
-
-    @staticmethod
-    def _now(device: torch.device) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+        self._marks: list[tuple[int, object]] = []  # (batch index, CUDA event or perf_counter time), oldest first
 
     def on_train_start(self, trainer, pl_module) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = self._now(pl_module.device)
-        if self._last is not None and batch_idx >= self.warmup:
-            self.times.append(now - self._last)
+        if pl_module.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((batch_idx, event))
+        else:
+            self._marks.append((batch_idx, time.perf_counter()))
+        if self._collect(wait=False):
             pl_module.log("perf/step_s", self.times[-1], batch_size=1)
-        self._last = now
+
+    def _collect(self, wait: bool) -> bool:
+        """Turn consecutive marks the GPU has reached into step times (all of them when `wait`)."""
+        found = False
+        while len(self._marks) >= 2:
+            (_, start), (index, end) = self._marks[0], self._marks[1]
+            if isinstance(end, float):
+                seconds = end - start
+            elif wait or end.query():
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1000
+            else:
+                break
+            self._marks.pop(0)
+            if index >= self.warmup:
+                self.times.append(seconds)
+                found = True
+        return found
 
     def summary(self, pl_module) -> dict:
+        self._collect(wait=True)
         device = pl_module.device
         out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "precision": str(pl_module.trainer.precision), "timed_steps": len(self.times)}

@@ -90,6 +90,9 @@ REQUIRED = {"sd": ("unet", "vae", "text_encoder", "tokenizer"),
             "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
 
 
+TOKEN_CACHE_SIZE = 10_000  # prompts whose ids a backbone keeps (an evaluation's prompt set fits many times over)
+
+
 class Backbone(nn.Module):
     """A frozen text-to-image latent diffusion model: tokenizers, text encoders, UNet, VAE, scheduler."""
 
@@ -103,6 +106,7 @@ class Backbone(nn.Module):
         self.scheduler = scheduler
         self.name = name
         self.unet_graphs = None  # diffusion.cuda_graphs.UNetGraphs while enabled (callbacks/fast_unet.py)
+        self._token_ids: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (encoder, vocabulary size) -> ids
         self.requires_grad_(False)
         self.eval()
 
@@ -136,10 +140,19 @@ class Backbone(nn.Module):
 
     # ----- text --------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], index: int = 0) -> torch.Tensor:
+        """Padded token ids [B, max length] on the backbone's device. Each prompt is tokenized once per
+        vocabulary (training prompts repeat every few steps, and CLIP's BPE runs in Python on every call);
+        adding a token (a placeholder) starts a new cache."""
         tok = self.tokenizers[index]
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids
-        return ids.to(self.device)
+        cache = self._token_ids.setdefault((index, len(tok)), {})
+        new = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if new:
+            if len(cache) + len(new) > TOKEN_CACHE_SIZE:
+                cache.clear()
+            ids = tok(new, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            cache.update(zip(new, ids))
+        return torch.stack([cache[p] for p in prompts]).to(self.device, non_blocking=True)
 
     def encode_prompt(self, prompts: Sequence[str] | str) -> Conditioning:
         """Text conditioning as the pipelines compute it (SDXL: penultimate layers + pooled)."""

@@ -160,3 +160,27 @@ def test_existing_run_dir_is_not_overwritten(base, tmp_path):
     proc = run_train(*base, "trainer.max_steps=3", f"hydra.run.dir={run}", expect_ok=False)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (run / "learned_embeds.safetensors").read_bytes() == before
+
+
+def test_step_timer_times_steps_after_the_warmup(tmp_path):
+    """CPU marks: one time per step after `warmup`, logged as perf/step_s and summarised in timing.json."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from callbacks.throughput import StepTimer
+
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), trainer=SimpleNamespace(precision="32-true"),
+                             log=lambda name, value, batch_size: logged.append((name, value)))
+    timer = StepTimer(str(tmp_path), warmup=2)
+    for batch_idx in range(5):
+        time.sleep(0.01)
+        timer.on_train_batch_end(None, module, None, None, batch_idx)
+    assert len(timer.times) == 3 and all(t >= 0.009 for t in timer.times)
+    assert [name for name, _ in logged] == ["perf/step_s"] * 3
+    timer.on_train_end(SimpleNamespace(is_global_zero=True), module)
+    import json
+    summary = json.loads((tmp_path / "timing.json").read_text())
+    assert summary["timed_steps"] == 3 and summary["median_step_s"] >= 0.009

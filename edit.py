@@ -24,7 +24,6 @@ from utils.task import refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("edit")
 register_resolvers()
-OUTPUTS = ("edit.json", "edited.png", "reconstruction.png", "source.png")
 
 
 def check(cfg: DictConfig) -> Path:
@@ -90,7 +89,7 @@ def edit(cfg: DictConfig) -> dict:
 
     image = check(cfg)
     out = Path(cfg.paths.output_dir)
-    refuse_to_overwrite(out, resuming=False, artifacts=OUTPUTS)
+    refuse_to_overwrite(out, resuming=False, artifacts=tuple(cfg.run_dir_taken_by))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     backbone = load_backbone(**{k: v for k, v in model.items() if k != "dtype"}, dtype=cfg.dtype).to(device)

@@ -260,7 +260,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from utils.errors import ConfigError
 
     accelerator = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    refuse_to_overwrite(cfg.paths.output_dir, resuming=False, artifacts=("metrics.json", "grid.png"))
+    refuse_to_overwrite(cfg.paths.output_dir, resuming=False, artifacts=tuple(cfg.run_dir_taken_by))
     if int(cfg.devices) < 1:
         raise ConfigError(f"devices={cfg.devices}; give the number of processes (GPUs) to split the work over")
     if int(cfg.devices) == 1:

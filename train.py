@@ -41,7 +41,8 @@ def train(cfg: DictConfig) -> float | None:
     import torch
     from hydra.utils import instantiate
 
-    refuse_to_overwrite(cfg.paths.output_dir, resuming=cfg.get("ckpt_path") is not None)
+    refuse_to_overwrite(cfg.paths.output_dir, resuming=cfg.get("ckpt_path") is not None,
+                        artifacts=tuple(cfg.run_dir_taken_by))
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
     _ddp_under_multirun(cfg)

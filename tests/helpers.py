@@ -57,3 +57,8 @@ class DumpTrainedRows(L.Callback):
         rows = [r.detach().cpu().clone() for r in pl_module.tokens.embeddings()]
         torch.save({"rows": rows, "prompts": self.prompts, "world_size": trainer.world_size},
                    self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below a folder, by relative path, with its bytes (to prove a refused run touched nothing)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

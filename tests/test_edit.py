@@ -19,6 +19,7 @@ from diffusion.editing import (BLEND_METHODS, METHODS, EditSettings, ddim_word_s
 from diffusion.image_encoder import build_random_encoder
 from diffusion.sampling import ddim_sample, initial_noise
 from utils.errors import ConfigError
+from tests.helpers import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE, TARGET = "a red circle", "a blue circle"
@@ -176,10 +177,10 @@ def test_edit_py_writes_the_images_and_refuses_a_second_run(tiny_dir, encoder_di
     assert info["method"] == "style_diffusion" and info["num_steps"] == 3
     assert info["source"] == f"{SOURCE} on a gray background" and info["target"] == f"{TARGET} on a gray background"
     assert info["seconds_per_step"] > 0 and info["settings"]["style_diffusion"]["editing"]["tau_u"] == 0.5
-    before = (out / "edited.png").read_bytes()
+    before = snapshot(out)
     again = run_edit(*args[:3], "method=sdedit", *args[4:])
     assert again.returncode == 2 and len(error_lines(again)) == 1 and "already holds a run" in again.stderr
-    assert (out / "edited.png").read_bytes() == before
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("override, message", [

@@ -20,6 +20,7 @@ from metrics.image_quality import PSNR
 from metrics.shapes_metrics import ConceptIdentity, ShapesAttributeAccuracy, SizeSlope
 from metrics.suite import MetricSuite
 from utils.errors import ConfigError, DataError
+from tests.helpers import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,10 +208,10 @@ def test_evaluate_bad_input_is_one_clear_line(tmp_path, overrides, message):
 def test_evaluate_does_not_overwrite_a_previous_evaluation(tmp_path):
     out = tmp_path / "run"
     run_evaluate(*FAST, "metrics=none", f"hydra.run.dir={out}")
-    before = (out / "grid.png").read_bytes()
+    before = snapshot(out)
     proc = run_evaluate(*FAST, "metrics=none", "seeds=[5]", f"hydra.run.dir={out}", expect_ok=False)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
-    assert (out / "grid.png").read_bytes() == before
+    assert snapshot(out) == before
 
 
 def test_prompts_file(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import snapshot
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -156,10 +158,11 @@ def test_bad_input_is_one_clear_line(base, tmp_path, override, message):
 def test_existing_run_dir_is_not_overwritten(base, tmp_path):
     run = tmp_path / "run"
     run_train(*base, "trainer.max_steps=2", f"hydra.run.dir={run}")
-    before = (run / "learned_embeds.safetensors").read_bytes()
+    before = snapshot(run)
     proc = run_train(*base, "trainer.max_steps=3", f"hydra.run.dir={run}", expect_ok=False)
-    assert proc.returncode == 2 and "already holds a run" in proc.stderr
-    assert (run / "learned_embeds.safetensors").read_bytes() == before
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "already holds a run" in errors[0]
+    assert snapshot(run) == before  # the records (.hydra/, train.log) too: nothing is written before the refusal
 
 
 def test_step_timer_times_steps_after_the_warmup(tmp_path):

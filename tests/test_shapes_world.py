@@ -299,3 +299,23 @@ def test_token_attention_loss_by_hand():
     focused = torch.zeros(1, 4, 3)
     focused[0, 0, 0] = focused[0, 1:, 1] = 1.0
     assert token_attention_loss(focused, regions, roles)[0].item() == pytest.approx(0.0)
+
+
+def test_localisation_benchmark_reads_each_objects_own_words():
+    """benchmarks/shapes_localisation.py: the first shape and colour word of each object (a named badge's outer
+    ones), the background colour word, and the coverage-weighted inside / outside ratio."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from shapes_localisation import named_words, weighted_ratio
+
+    badge = Badge("hexagon", "purple", "star", "yellow")
+    scene = Scene("gray", [ObjectSpec("badge", "purple", 0.22, 0.3, 0.5, badge=badge, parts_named=True),
+                           ObjectSpec("circle", "red", 0.15, 0.7, 0.5)], "left of")
+    # "<start> a medium purple hexagon badge with a yellow star left of a small red circle on a gray background"
+    assert named_words(scene) == {"shape": [(4, 0), (15, 1)], "colour": [(3, 0), (14, 1)], "background": [(18, -1)]}
+    attention = torch.tensor([[4.0, 1.0], [1.0, 1.0]])
+    inside = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert weighted_ratio(attention, inside) == pytest.approx(4.0)
+    assert weighted_ratio(torch.ones(2, 2), torch.tensor([[0.5, 0.5], [0.0, 0.0]])) == pytest.approx(1.0)

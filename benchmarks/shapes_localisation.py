@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from datamodules.shapes.render import render_scene
-from datamodules.shapes.world import BACKGROUND_ROLE, BADGE_SHAPES, COLOURS, SHAPES, CLASS_WORD, Scene, SceneSampler
+from datamodules.shapes.world import BACKGROUND_ROLE, CLASS_WORD, COLOURS, SHAPES, Scene, SceneSampler
 from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import load_backbone
 
@@ -42,7 +42,7 @@ def named_words(scene: Scene) -> dict[str, list[tuple[int, int]]]:
         if role is None:
             continue
         # the first shape / colour word of an object is its own (a named badge's inner ones come later)
-        kind = "shape" if word in (*SHAPES, *BADGE_SHAPES, CLASS_WORD) else "colour" if word in COLOURS else None
+        kind = "shape" if word in (*SHAPES, CLASS_WORD) else "colour" if word in COLOURS else None
         if kind and (kind, role) not in seen:
             seen.add((kind, role))
             out[kind].append((i + 1, role))

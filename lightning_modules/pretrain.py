@@ -73,7 +73,8 @@ def region_masks(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return regions.flatten(2)
 
 
-def token_attention_loss(maps: torch.Tensor, regions: torch.Tensor, roles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_attention_loss(maps: torch.Tensor, regions: torch.Tensor,
+                         roles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TokenCompose's token loss for one layer, and the mean share inside (for the logs).
 
     maps [B, h*w, K] cross-attention (heads averaged), regions [B, R, h*w], roles [B, K] (the region each
@@ -246,9 +247,9 @@ class PretrainModule(L.LightningModule):
             losses.append(loss)
             shares.append(share)
         self.attention_store.reset()
-        self.log_dict({"train/attention": torch.stack(losses).mean(), "train/attention_share": torch.stack(shares).mean()},
-                      prog_bar=True)
-        return torch.stack(losses).mean()
+        loss = torch.stack(losses).mean()
+        self.log_dict({"train/attention": loss, "train/attention_share": torch.stack(shares).mean()}, prog_bar=True)
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.in_vae_stage:

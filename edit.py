@@ -20,7 +20,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from utils.config import register_resolvers  # noqa: E402
-from utils.task import refuse_to_overwrite, task  # noqa: E402
+from utils.task import hydra_entry, refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("edit")
 register_resolvers()
@@ -137,4 +137,4 @@ if __name__ == "__main__":
     import sys
 
     sys.argv[1:] = method_override(sys.argv[1:])
-    main()
+    hydra_entry(main)

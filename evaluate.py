@@ -28,7 +28,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from utils.config import register_resolvers  # noqa: E402
-from utils.task import refuse_to_overwrite, task  # noqa: E402
+from utils.task import hydra_entry, refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("evaluate")
 register_resolvers()
@@ -281,4 +281,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

@@ -16,8 +16,9 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from utils.checks import check_run_settings  # noqa: E402
 from utils.config import instantiate_list, register_resolvers  # noqa: E402
-from utils.task import refuse_to_overwrite, task  # noqa: E402
+from utils.task import hydra_entry, refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -41,6 +42,7 @@ def train(cfg: DictConfig) -> float | None:
     import torch
     from hydra.utils import instantiate
 
+    check_run_settings(cfg)
     refuse_to_overwrite(cfg.paths.output_dir, resuming=cfg.get("ckpt_path") is not None,
                         artifacts=tuple(cfg.run_dir_taken_by))
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
@@ -66,4 +68,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import lightning as L
 
+from callbacks.non_finite import ensure_finite
+
 log = logging.getLogger(__name__)
 
 
@@ -21,9 +23,11 @@ class ArtifactExport(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            ensure_finite(trainer)
             pl_module.export_artifacts(self.dirpath / f"step_{step:06d}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and not trainer.fast_dev_run:  # a smoke run writes nothing, like checkpoints
+            ensure_finite(trainer)
             paths = pl_module.export_artifacts(self.dirpath)
             log.info("artifacts: %s", ", ".join(str(p) for p in paths))

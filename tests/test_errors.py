@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import compose_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_entry(entry: str, overrides: list[str], tmp_path, capsys) -> str:
@@ -77,3 +83,99 @@ def test_evaluate_rejects_a_missing_artifact(tiny_dir, tmp_path, capsys):
                                   f"artifact={tmp_path / 'nope.safetensors'}"],
                      tmp_path, capsys)
     assert "nope.safetensors does not exist" in line
+
+
+# ----- settings checked before any work, Hydra's own errors, divergence ------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("module.optimizer.lr=-1", "module.optimizer.lr=-1 must be a finite number > 0"),
+    ("module.optimizer.lr=nan", "module.optimizer.lr=nan must be a finite number > 0"),
+    ("module.optimizer.lr=inf", "module.optimizer.lr=inf must be a finite number > 0"),
+    ("module.optimizer.lr=abc", "module.optimizer.lr='abc' must be a finite number > 0"),
+    ("seed=abc", "seed='abc' must be a whole number"),
+    ("data.batch_size=0", "data.batch_size=0 must be a whole number >= 1"),
+    ("data.resolution=0", "data.resolution=0 must be a whole number >= 1"),
+    ("trainer.max_steps=abc", "trainer.max_steps='abc' must be a whole number >= 1"),
+    ("callbacks.model_checkpoint.every_n_train_steps=-5", "every_n_train_steps=-5 must be a whole number >= 0"),
+])
+def test_train_checks_numeric_settings_before_any_work(override, message, tiny_dir, image_folder, tmp_path, capsys):
+    overrides = ["trainer=cpu", "logger=csv", "model=tiny", f"model.path={tiny_dir}",
+                 f"data.images_dir={image_folder / 'images'}", override]
+    assert message in run_entry("train", overrides, tmp_path, capsys)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_method_learning_rate_of_its_own_is_checked(tmp_path, capsys):
+    line = run_entry("train", ["method=pretrain", "trainer=cpu", "logger=csv", "module.lr_unet=0"], tmp_path, capsys)
+    assert "module.lr_unet=0 must be a finite number > 0" in line
+
+
+def _entry(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train.py", "method=nope"), "Could not find 'method/nope'; available options in 'method': concept_slider"),
+    (("train.py", "model=nope"), "Could not find 'model/nope'"),
+    (("train.py", "logger=nope"), "Could not find 'logger/nope'"),
+    (("train.py", "module.optimzer.lr=1"), "Could not override 'module.optimzer.lr'"),
+    (("train.py", "trainer=gpu"), "trainer=gpu but this machine has no CUDA GPU"),
+    (("evaluate.py", "metrics=nope"), "Could not find 'metrics/nope'"),
+    (("edit.py", "model=nope"), "Could not find 'model/nope'"),
+])
+def test_hydra_errors_are_one_line(args, message, tmp_path):
+    if "trainer=gpu" in args and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = _entry(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("folder, message", [("afile/run", "Not a directory"), ("afile", "File exists")])
+def test_an_unwritable_run_folder_is_refused_before_any_work(folder, message, tmp_path):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    proc = _entry("train.py", "logger=csv", f"hydra.run.dir={tmp_path / folder}", cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert (tmp_path / "afile").read_text() == "a file, not a folder"
+
+
+def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tiny_dir, image_folder, tmp_path):
+    proc = _entry("train.py", "model=tiny", f"model.path={tiny_dir}", "trainer=cpu", "logger=csv",
+                  f"data.images_dir={image_folder / 'images'}", "trainer.max_steps=30", "module.optimizer.lr=1e30",
+                  "callbacks.sample_grid=null", f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "became NaN or infinite at step" in errors[0] and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "run").rglob("*.safetensors")) and not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_the_guard_keeps_checkpoints_before_the_first_bad_step():
+    """Finite steps pass every read; after a NaN the next read (a save, an export) raises naming that step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from callbacks.non_finite import NonFiniteGuard, TrainingDiverged, ensure_finite
+
+    guard = NonFiniteGuard(every_n_steps=0)
+    trainer = SimpleNamespace(global_step=0, callbacks=[guard])
+    for step, loss in enumerate([0.5, 0.4, 0.3], start=1):
+        trainer.global_step = step
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)
+    guard.on_save_checkpoint(trainer, None, {})  # a checkpoint at step 3 is written
+    trainer.global_step = 4
+    guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(float("nan"))}, None, 4)
+    trainer.global_step = 5
+    guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.2)}, None, 5)
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        guard.on_save_checkpoint(trainer, None, {})
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        ensure_finite(trainer)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    optimizer.param_groups[0]["params"][0].grad = torch.tensor([1.0, float("inf")])
+    fresh = NonFiniteGuard(every_n_steps=0)
+    fresh.on_before_optimizer_step(SimpleNamespace(global_step=6), None, optimizer)
+    with pytest.raises(TrainingDiverged, match="at step 7"):
+        fresh.check()

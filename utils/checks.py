@@ -1,0 +1,96 @@
+"""Checks of a run's numeric and path settings before any work: one ConfigError naming the key.
+
+Hydra passes an override such as `module.optimizer.lr=abc` through as a string and `=inf` as a float;
+without these checks they surface as tracebacks deep in PyTorch or Lightning, or as a run that trains on NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from utils.errors import ConfigError
+
+LEARNING_RATE_KEYS = ("lr",)  # and every key that starts with "lr_" (lr_unet, lr_vae, ...)
+POSITIVE_INTS = ("data.batch_size", "data.resolution", "model.resolution")
+NON_NEGATIVE_INTS = ("callbacks.model_checkpoint.every_n_train_steps", "trainer.log_every_n_steps",
+                     "data.num_workers")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _learning_rates(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every learning rate below a config node: a key `lr` or `lr_*` holding a value
+    (a key such as `lr_scheduler` that holds a config is searched, not checked)."""
+    if isinstance(node, DictConfig):
+        for key, value in node.items():
+            name = f"{prefix}.{key}"
+            if isinstance(value, (DictConfig, ListConfig)):
+                yield from _learning_rates(value, name)
+            elif key in LEARNING_RATE_KEYS or str(key).startswith("lr_"):
+                yield name, value
+    elif isinstance(node, ListConfig):
+        for i, value in enumerate(node):
+            yield from _learning_rates(value, f"{prefix}[{i}]")
+
+
+def check_learning_rates(cfg: DictConfig) -> None:
+    if "module" not in cfg:
+        return
+    for key, value in _learning_rates(cfg.module, "module"):
+        if value is None:
+            continue
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key}={value!r} must be a finite number > 0; e.g. {key}=1e-4")
+
+
+def check_counts(cfg: DictConfig) -> None:
+    for keys, low in ((POSITIVE_INTS, 1), (NON_NEGATIVE_INTS, 0)):
+        for key in keys:
+            value = OmegaConf.select(cfg, key, default=None)
+            if value is not None and (not _is_int(value) or value < low):
+                raise ConfigError(f"{key}={value!r} must be a whole number >= {low}")
+    steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
+    if steps is not None and (not _is_int(steps) or (steps < 1 and steps != -1)):
+        raise ConfigError(f"trainer.max_steps={steps!r} must be a whole number >= 1 (or -1: until the method stops)")
+    seed = cfg.get("seed")
+    if not _is_int(seed):
+        raise ConfigError(f"seed={seed!r} must be a whole number; e.g. seed=0")
+
+
+def check_device(cfg: DictConfig) -> None:
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer=gpu but this machine has no CUDA GPU; use trainer=cpu (or trainer=default, "
+                              "which picks the GPU when there is one)")
+
+
+def check_writable(folder: str | Path, key: str) -> None:
+    """The folder must exist or be creatable, and take files (tried: permission bits say little to root)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}={folder} cannot be written ({e.strerror or type(e).__name__}); "
+                          f"choose a writable folder") from e
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Every check a training run's config must pass before anything is loaded or trained."""
+    check_counts(cfg)
+    check_learning_rates(cfg)
+    check_device(cfg)

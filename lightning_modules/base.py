@@ -110,10 +110,17 @@ class DiffusionModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
+        state = checkpoint.get("state_dict", {})
+        missing = sorted(self.trainable_keys() - set(state))
         if missing:
             raise ArtifactError(f"checkpoint lacks trained weights {missing[:3]}; it was written by another "
                                 f"method or config: resume with the same method, model and token settings")
+        params = dict(self.named_parameters())
+        for key in sorted(self.trainable_keys()):
+            if tuple(state[key].shape) != tuple(params[key].shape):
+                raise ArtifactError(f"checkpoint's {key} has shape {tuple(state[key].shape)}, this run's "
+                                    f"{tuple(params[key].shape)}: it was trained on another backbone or with other "
+                                    f"settings; resume with the same model and settings")
 
     # ----- sampling (the callbacks' interface) ----------------------------------------------------
     def sampling_prompt(self, template: str, class_word: str) -> str:

@@ -18,8 +18,8 @@ def test_train_config_composes(model, trainer, tmp_path):
     expected = {"gpu": "bf16-mixed", "ddp": "bf16-mixed", "cpu": "32-true"}.get(trainer)
     if expected:
         assert cfg.trainer.precision == expected
-    assert set(cfg.callbacks) == {"non_finite", "model_checkpoint", "progress_bar", "artifact_export", "fast_unet",
-                                  "step_timer", "sample_grid"}
+    assert set(cfg.callbacks) == {"non_finite", "run_identity", "model_checkpoint", "progress_bar", "artifact_export",
+                                  "fast_unet", "step_timer", "sample_grid"}
 
 
 @pytest.mark.parametrize("extra", [["debug=limit"], ["debug=overfit"], ["experiment=ti_tiny"], ["logger=many"]])

@@ -187,3 +187,47 @@ def test_step_timer_times_steps_after_the_warmup(tmp_path):
     import json
     summary = json.loads((tmp_path / "timing.json").read_text())
     assert summary["timed_steps"] == 3 and summary["median_step_s"] >= 0.009
+
+
+def test_resume_refuses_bad_and_foreign_checkpoints(base, tmp_path):
+    """A missing, empty or corrupt file, and a checkpoint of another method or model, stop before any work with
+    one line; the checkpoint records which method and model wrote it."""
+    run = tmp_path / "run"
+    run_train(*base, "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1",
+              "callbacks.sample_grid=null", f"hydra.run.dir={run}")
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["run_identity"] == {
+        "method": "textual_inversion", "model": "tiny"}
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "corrupt.ckpt").write_bytes(last.read_bytes()[:1000])
+    cases = [
+        ((f"ckpt_path={tmp_path / 'nope.ckpt'}",), "nope.ckpt does not exist"),
+        ((f"ckpt_path={tmp_path / 'empty.ckpt'}",), "empty.ckpt is empty (0 bytes)"),
+        ((f"ckpt_path={tmp_path / 'corrupt.ckpt'}",), "corrupt.ckpt cannot be read as a checkpoint"),
+        (("method=prompt_slider", f"ckpt_path={last}"),
+         "was written by method=textual_inversion on model=tiny; this run is method=prompt_slider on model=tiny"),
+        (("model.name=tiny_other", f"ckpt_path={last}"), "this run is method=textual_inversion on model=tiny_other"),
+    ]
+    for i, (overrides, message) in enumerate(cases):
+        slider = "method=prompt_slider" in overrides  # a slider run reads no image folder
+        common = [a for a in base if not (slider and a.startswith("data.images_dir"))]
+        proc = run_train(*common, "trainer.max_steps=3", *overrides, f"hydra.run.dir={tmp_path / f'r{i}'}",
+                         expect_ok=False)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_with_other_shapes_is_refused(tiny_dir):
+    from lightning_modules.textual_inversion import TextualInversionModule
+    from utils.errors import ArtifactError
+
+    module = TextualInversionModule(backbone={"path": str(tiny_dir)}, token={"name": "<c>", "initializer": None},
+                                    optimizer=torch.optim.AdamW)
+    module.configure_model()
+    state = {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+    module.on_load_checkpoint({"state_dict": state})  # its own shapes load
+    key = next(iter(state))
+    state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
+    with pytest.raises(ArtifactError, match=f"checkpoint's {key} has shape"):
+        module.on_load_checkpoint({"state_dict": state})

@@ -89,8 +89,33 @@ def check_writable(folder: str | Path, key: str) -> None:
                           f"choose a writable folder") from e
 
 
+def check_checkpoint(path: str, identity: dict) -> None:
+    """A checkpoint to resume from must be a readable checkpoint written by the same method on the same model."""
+    import torch
+
+    from callbacks.run_identity import CHECKPOINT_KEY
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"ckpt_path={path} does not exist; give a run's checkpoints/last.ckpt")
+    if file.stat().st_size == 0:
+        raise ConfigError(f"ckpt_path={path} is empty (0 bytes); resume from another checkpoint of the run")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"ckpt_path={path} cannot be read as a checkpoint ({type(e).__name__}); resume from "
+                          f"another checkpoint of the run") from e
+    written = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if written is not None and written != identity:
+        raise ConfigError(f"ckpt_path={path} was written by method={written['method']} on model={written['model']}; "
+                          f"this run is method={identity['method']} on model={identity['model']}: resume with the "
+                          f"same method and model")
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """Every check a training run's config must pass before anything is loaded or trained."""
     check_counts(cfg)
     check_learning_rates(cfg)
     check_device(cfg)
+    if cfg.get("ckpt_path"):
+        check_checkpoint(cfg.ckpt_path, {"method": cfg.method_name, "model": cfg.model.name})

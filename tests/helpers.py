@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from utils.config import register_resolvers
+from utils.io import AtomicCheckpointIO, atomic_path
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_resolvers()
@@ -41,6 +42,23 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillDuringCheckpointWrite(AtomicCheckpointIO):
+    """Checkpoint IO that SIGKILLs the process in the middle of its `save`-th checkpoint write (a crash while
+    the file is half written)."""
+
+    def __init__(self, save: int):
+        super().__init__()
+        self.save, self.saves = save, 0
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        self.saves += 1
+        if self.saves == self.save:
+            with atomic_path(path) as tmp:
+                Path(tmp).write_bytes(b"half a checkpoint")
+                os.kill(os.getpid(), signal.SIGKILL)
+        super().save_checkpoint(checkpoint, path, storage_options)
 
 
 class DumpTrainedRows(L.Callback):

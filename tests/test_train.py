@@ -231,3 +231,21 @@ def test_a_checkpoint_with_other_shapes_is_refused(tiny_dir):
     state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
     with pytest.raises(ArtifactError, match=f"checkpoint's {key} has shape"):
         module.on_load_checkpoint({"state_dict": state})
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(base, tmp_path):
+    """SIGKILL half-way through writing step 8's last.ckpt: last.ckpt is still step 4's, whole, and resuming
+    from it ends with the uninterrupted run's embedding."""
+    common = [*base, "trainer.max_steps=12", "callbacks.model_checkpoint.every_n_train_steps=4",
+              "callbacks.sample_grid=null"]
+    full, crashed, resumed = tmp_path / "full", tmp_path / "crashed", tmp_path / "resumed"
+    run_train(*common, f"hydra.run.dir={full}")
+    # two saves per interval (step_N.ckpt, then last.ckpt): the 4th is step 8's last.ckpt
+    plugin = "trainer.plugins=[{_target_:tests.helpers.KillDuringCheckpointWrite,save:4}]"
+    assert run_train(*common, plugin, f"hydra.run.dir={crashed}", expect_ok=False).returncode != 0
+    last = crashed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    assert list((crashed / "checkpoints").glob(".last.ckpt.*.tmp")), "the half-written file is left beside it"
+    run_train(*common, f"hydra.run.dir={resumed}", f"ckpt_path={last}")
+    assert torch.equal(load_file(resumed / "learned_embeds.safetensors")["<concept>"],
+                       load_file(full / "learned_embeds.safetensors")["<concept>"])

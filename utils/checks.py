@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils.errors import ConfigError
 
-LEARNING_RATE_KEYS = ("lr",)  # and every key that starts with "lr_" (lr_unet, lr_vae, ...)
+NOT_LEARNING_RATES = ("lr_decay", "lr_scheduler")  # every other key `lr` or `lr_*` is one (lr_unet, lr_vae, ...)
 POSITIVE_INTS = ("data.batch_size", "data.resolution", "model.resolution")
 NON_NEGATIVE_INTS = ("callbacks.model_checkpoint.every_n_train_steps", "trainer.log_every_n_steps",
                      "data.num_workers")
@@ -30,14 +30,14 @@ def _is_int(value: Any) -> bool:
 
 
 def _learning_rates(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every learning rate below a config node: a key `lr` or `lr_*` holding a value
-    (a key such as `lr_scheduler` that holds a config is searched, not checked)."""
+    """(dotted key, value) of every learning rate below a config node: a key `lr` or `lr_*` holding a value,
+    save NOT_LEARNING_RATES (StyleDiffusion's lr_decay may be 0)."""
     if isinstance(node, DictConfig):
         for key, value in node.items():
             name = f"{prefix}.{key}"
             if isinstance(value, (DictConfig, ListConfig)):
                 yield from _learning_rates(value, name)
-            elif key in LEARNING_RATE_KEYS or str(key).startswith("lr_"):
+            elif (key == "lr" or str(key).startswith("lr_")) and key not in NOT_LEARNING_RATES:
                 yield name, value
     elif isinstance(node, ListConfig):
         for i, value in enumerate(node):

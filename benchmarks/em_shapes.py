@@ -31,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 VARIANTS = ("em", "fixed", "ground_truth")
@@ -142,45 +143,19 @@ def evaluate(out: Path, device: str, num_steps: int) -> dict:
     return results
 
 
-def localisation(device: str, num_timesteps: int = 30) -> dict:
-    """Does the shapes model's cross-attention find objects at all? For each scene, its own caption
-    ("a blue diamond left of a brown star on a teal background"): the mean attention of each object's shape
-    word (and of the background colour word) inside its true region over the mean outside (1 = no
-    localisation), per resolution of the down / up layers, over random timesteps."""
-    from datamodules.scenes import SceneSet, scan_scenes
-    from diffusion.attention import AttentionHub, AttentionStore, word_token_indices
+def localisation(device: str, model: str, num_timesteps: int = 30) -> dict:
+    """Does the model's cross-attention find the objects of these 10 scenes? Each scene prompted with its own
+    caption, measured as benchmarks/shapes_localisation.py measures fresh scenes (each object's shape and
+    colour word inside its mask over outside, the background colour word on the background over on the
+    objects; 1 = no localisation), per resolution of the down / up layers, over random timesteps."""
+    from datamodules.shapes.scenes import two_object_scenes
     from diffusion.backbone import load_backbone
+    from shapes_localisation import measure
 
-    backbone = load_backbone(str(ROOT / "models" / "shapes")).to(device)
-    records = scan_scenes(SCENES)
-    scenes = SceneSet(records, backbone.resolution, flip_p=0.0)
     entries = json.loads((SCENES / "scenes.json").read_text())
-    g = torch.Generator(device).manual_seed(0)
-    ratios: dict = {}
-    with AttentionHub(backbone.unet) as hub:
-        for k, (entry, record) in enumerate(zip(entries, records)):
-            a = entry["attributes"]
-            c0, c1, bg = record.concepts
-            prompt = (f"a {a[c0]['colour']} {a[c0]['shape']} left of a {a[c1]['colour']} {a[c1]['shape']} "
-                      f"on a {a[bg]['background']} background")
-            words = {c0: a[c0]["shape"], c1: a[c1]["shape"], bg: a[bg]["background"]}
-            positions = [word_token_indices(backbone.tokenizers[0], prompt, w)[0] for w in words.values()]
-            store = AttentionStore(blocks=("down", "up"), token_indices=positions, average_steps=True)
-            latents = backbone.encode_images(scenes.images[k][None].to(device), generator=g)
-            t = torch.randint(0, backbone.num_train_timesteps, (num_timesteps,), generator=g, device=device)
-            noisy = backbone.add_noise(latents.expand(num_timesteps, -1, -1, -1),
-                                       torch.randn((num_timesteps, *latents.shape[1:]), generator=g, device=device), t)
-            with hub.using(store), torch.no_grad():
-                backbone.predict(noisy, t, backbone.encode_prompt([prompt]).expand(num_timesteps))
-            for res in sorted({hw[0] for hw in store.hw.values()}):
-                maps = store.average(resolution=res).float().mean(0).permute(2, 0, 1).cpu()  # [3, r, r]
-                for i, token in enumerate(words):
-                    truth = torch.nn.functional.adaptive_avg_pool2d(scenes.masks[k][token][None, None].float(),
-                                                                    res)[0, 0] >= 0.5
-                    role = "background" if token == bg else "subject"
-                    ratio = float(maps[i][truth].mean() / maps[i][~truth].mean())
-                    ratios.setdefault(f"{res}x{res}", {}).setdefault(role, []).append(ratio)
-    out = {res: {role: statistics.fmean(v) for role, v in roles.items()} for res, roles in ratios.items()}
+    scenes = two_object_scenes(len(entries))  # the scenes assets/shapes_scenes was rendered from (seed 0)
+    backbone = load_backbone(model, dtype="float32").to(device)
+    out = measure(backbone, scenes, num_timesteps, seed=0)
     print(json.dumps(out, indent=2))
     return out
 
@@ -194,6 +169,7 @@ def main() -> None:
     parser.add_argument("--trainer", default="gpu")
     parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps when evaluating")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=str(ROOT / "models" / "shapes"), help="localisation: the model to read")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (after the options)")
     args = parser.parse_intermixed_args()
     if args.phase == "train":
@@ -201,7 +177,7 @@ def main() -> None:
     elif args.phase == "evaluate":
         evaluate(args.out, args.device, args.num_steps)
     else:
-        localisation(args.device)
+        localisation(args.device, args.model)
 
 
 if __name__ == "__main__":

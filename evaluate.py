@@ -28,6 +28,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from utils.config import register_resolvers  # noqa: E402
+from utils.checks import check_generation_settings  # noqa: E402
 from utils.task import hydra_entry, refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -257,12 +258,9 @@ def evaluate(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from utils.errors import ConfigError
-
+    check_generation_settings(cfg)
     accelerator = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     refuse_to_overwrite(cfg.paths.output_dir, resuming=False, artifacts=tuple(cfg.run_dir_taken_by))
-    if int(cfg.devices) < 1:
-        raise ConfigError(f"devices={cfg.devices}; give the number of processes (GPUs) to split the work over")
     if int(cfg.devices) == 1:
         fabric = L.Fabric(accelerator=accelerator, devices=1)
         return run(cfg, fabric)

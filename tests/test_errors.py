@@ -179,3 +179,25 @@ def test_the_guard_keeps_checkpoints_before_the_first_bad_step():
     fresh.on_before_optimizer_step(SimpleNamespace(global_step=6), None, optimizer)
     with pytest.raises(TrainingDiverged, match="at step 7"):
         fresh.check()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("evaluate.py", "seeds=abc"), "seeds='abc' must be a whole number or a list of them"),
+    (("evaluate.py", "seeds=[0,x]"), "must be a whole number or a list of them"),
+    (("evaluate.py", "num_steps=0"), "num_steps=0 must be a whole number >= 1"),
+    (("evaluate.py", "guidance_scale=abc"), "guidance_scale='abc' must be a finite number"),
+    (("evaluate.py", "batch_size=0"), "batch_size=0 must be a whole number >= 1"),
+    (("evaluate.py", "devices=0"), "devices=0 must be a whole number >= 1"),
+    (("edit.py", "num_steps=abc"), "num_steps='abc' must be a whole number >= 1"),
+    (("edit.py", "strength=abc"), "strength='abc' must be a number in [0, 1]"),
+    (("edit.py", "strength=1.5"), "strength=1.5 must be a number in [0, 1]"),
+    (("edit.py", "seed=x"), "seed='x' must be a whole number >= 0"),
+])
+def test_generation_settings_are_checked_before_any_work(args, message, tmp_path):
+    edit = ("image=assets/shapes_scenes/00.png", "source=a red circle on a gray background",
+            "target=a blue circle on a gray background", "method=sdedit") if args[0] == "edit.py" else ()
+    proc = _entry(*args, *edit, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "run").glob("*.png")) and not list((tmp_path / "run").glob("*.json"))

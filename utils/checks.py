@@ -112,6 +112,22 @@ def check_checkpoint(path: str, identity: dict) -> None:
                           f"same method and model")
 
 
+def check_generation_settings(cfg: DictConfig) -> None:
+    """evaluate.py's and edit.py's generation settings: whole numbers in range, a finite guidance scale,
+    whole-number seeds (a null num_steps means the method's own)."""
+    for key, low in (("num_steps", 1), ("batch_size", 1), ("devices", 1), ("seed", 0)):
+        value = cfg.get(key)
+        if key in cfg and not (key == "num_steps" and value is None) and (not _is_int(value) or value < low):
+            raise ConfigError(f"{key}={value!r} must be a whole number >= {low}")
+    guidance = cfg.get("guidance_scale")
+    if "guidance_scale" in cfg and (not _is_number(guidance) or not math.isfinite(guidance)):
+        raise ConfigError(f"guidance_scale={guidance!r} must be a finite number; e.g. guidance_scale=7.5")
+    if "seeds" in cfg:
+        seeds = cfg.seeds if isinstance(cfg.seeds, ListConfig) else [cfg.seeds]
+        if not seeds or not all(_is_int(s) for s in seeds):
+            raise ConfigError(f"seeds={cfg.seeds!r} must be a whole number or a list of them; e.g. 'seeds=[0,1,2,3]'")
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """Every check a training run's config must pass before anything is loaded or trained."""
     check_counts(cfg)

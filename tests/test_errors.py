@@ -114,6 +114,13 @@ def _entry(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
+def assert_one_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Exit code 2, one `error:` line on stderr that holds `message`, no traceback."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (("train.py", "method=nope"), "Could not find 'method/nope'; available options in 'method': concept_slider"),
     (("train.py", "model=nope"), "Could not find 'model/nope'"),
@@ -127,17 +134,14 @@ def test_hydra_errors_are_one_line(args, message, tmp_path):
     if "trainer=gpu" in args and __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
     proc = _entry(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert_one_error(proc, message)
 
 
 @pytest.mark.parametrize("folder, message", [("afile/run", "Not a directory"), ("afile", "File exists")])
 def test_an_unwritable_run_folder_is_refused_before_any_work(folder, message, tmp_path):
     (tmp_path / "afile").write_text("a file, not a folder")
     proc = _entry("train.py", "logger=csv", f"hydra.run.dir={tmp_path / folder}", cwd=ROOT)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert_one_error(proc, message)
     assert (tmp_path / "afile").read_text() == "a file, not a folder"
 
 
@@ -145,9 +149,7 @@ def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tiny_dir, image
     proc = _entry("train.py", "model=tiny", f"model.path={tiny_dir}", "trainer=cpu", "logger=csv",
                   f"data.images_dir={image_folder / 'images'}", "trainer.max_steps=30", "module.optimizer.lr=1e30",
                   "callbacks.sample_grid=null", f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "became NaN or infinite at step" in errors[0] and "Traceback" not in proc.stderr
+    assert_one_error(proc, "became NaN or infinite at step")
     assert not list((tmp_path / "run").rglob("*.safetensors")) and not list((tmp_path / "run").rglob("*.ckpt"))
 
 
@@ -197,7 +199,5 @@ def test_generation_settings_are_checked_before_any_work(args, message, tmp_path
     edit = ("image=assets/shapes_scenes/00.png", "source=a red circle on a gray background",
             "target=a blue circle on a gray background", "method=sdedit") if args[0] == "edit.py" else ()
     proc = _entry(*args, *edit, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert_one_error(proc, message)
     assert not list((tmp_path / "run").glob("*.png")) and not list((tmp_path / "run").glob("*.json"))

@@ -20,7 +20,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from utils.config import register_resolvers  # noqa: E402
-from utils.checks import check_generation_settings  # noqa: E402
+from utils.checks import check_generation_settings, is_number  # noqa: E402
 from utils.task import hydra_entry, refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("edit")
@@ -44,9 +44,8 @@ def check(cfg: DictConfig) -> Path:
     if not image.is_file():
         raise DataError(f"image={image} does not exist; give the path of the image to edit")
     check_generation_settings(cfg)
-    strength = cfg.strength
-    if cfg.edit_method in ("sdedit", "style_diffusion_sdedit") and (
-            isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1):
+    if cfg.edit_method in ("sdedit", "style_diffusion_sdedit") and not (
+            is_number(cfg.strength) and 0 <= cfg.strength <= 1):
         raise ConfigError(f"strength={cfg.strength!r} must be a number in [0, 1]; 0 keeps the image, 1 ignores it")
     if cfg.blend_words is not None:
         from lightning_modules.style_diffusion import check_blend_words

@@ -21,12 +21,19 @@ NON_NEGATIVE_INTS = ("callbacks.model_checkpoint.every_n_train_steps", "trainer.
                      "data.num_workers")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float from a config (a bool is neither, though Python counts it as an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_whole(key: str, value: Any, low: int) -> None:
+    """A setting that must be a whole number >= low."""
+    if not _is_int(value) or value < low:
+        raise ConfigError(f"{key}={value!r} must be a whole number >= {low}")
 
 
 def _learning_rates(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -50,7 +57,7 @@ def check_learning_rates(cfg: DictConfig) -> None:
     for key, value in _learning_rates(cfg.module, "module"):
         if value is None:
             continue
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        if not is_number(value) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{key}={value!r} must be a finite number > 0; e.g. {key}=1e-4")
 
 
@@ -58,8 +65,8 @@ def check_counts(cfg: DictConfig) -> None:
     for keys, low in ((POSITIVE_INTS, 1), (NON_NEGATIVE_INTS, 0)):
         for key in keys:
             value = OmegaConf.select(cfg, key, default=None)
-            if value is not None and (not _is_int(value) or value < low):
-                raise ConfigError(f"{key}={value!r} must be a whole number >= {low}")
+            if value is not None:
+                check_whole(key, value, low)
     steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
     if steps is not None and (not _is_int(steps) or (steps < 1 and steps != -1)):
         raise ConfigError(f"trainer.max_steps={steps!r} must be a whole number >= 1 (or -1: until the method stops)")
@@ -116,11 +123,10 @@ def check_generation_settings(cfg: DictConfig) -> None:
     """evaluate.py's and edit.py's generation settings: whole numbers in range, a finite guidance scale,
     whole-number seeds (a null num_steps means the method's own)."""
     for key, low in (("num_steps", 1), ("batch_size", 1), ("devices", 1), ("seed", 0)):
-        value = cfg.get(key)
-        if key in cfg and not (key == "num_steps" and value is None) and (not _is_int(value) or value < low):
-            raise ConfigError(f"{key}={value!r} must be a whole number >= {low}")
+        if key in cfg and not (key == "num_steps" and cfg[key] is None):
+            check_whole(key, cfg[key], low)
     guidance = cfg.get("guidance_scale")
-    if "guidance_scale" in cfg and (not _is_number(guidance) or not math.isfinite(guidance)):
+    if "guidance_scale" in cfg and (not is_number(guidance) or not math.isfinite(guidance)):
         raise ConfigError(f"guidance_scale={guidance!r} must be a finite number; e.g. guidance_scale=7.5")
     if "seeds" in cfg:
         seeds = cfg.seeds if isinstance(cfg.seeds, ListConfig) else [cfg.seeds]

@@ -157,7 +157,7 @@ def bf16_peak(device: str) -> float | None:
 
 def run_plain(args) -> None:
     """Child process: time the plain loop at one batch size; print one JSON line."""
-    from diffusion.tiny import ensure_built_pipeline
+    from diffusion.builds import ensure_built_pipeline
     from utils.config import model_config
 
     cfg = model_config(args.model)

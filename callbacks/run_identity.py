@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
-CHECKPOINT_KEY = "run_identity"
+from utils.checks import CHECKPOINT_KEY
 
 
 class RunIdentity(L.Callback):

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from diffusion.builds import ensure_built_pipeline
+from diffusion.schedules import SD_BETAS
 from utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -81,10 +83,6 @@ class Conditioning:
             None if first.time_ids is None else torch.cat([c.time_ids for c in items]),
         )
 
-
-# Stable Diffusion's noise schedule; DDIM settings as the SD pipelines sample with.
-SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-SD_DDIM = {**SD_BETAS, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
 
 REQUIRED = {"sd": ("unet", "vae", "text_encoder", "tokenizer"),
             "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
@@ -281,7 +279,6 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
     dtype = resolve_dtype(dtype)
     vae_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else dtype
     if build:
-        from diffusion.tiny import ensure_built_pipeline
         ensure_built_pipeline(path, build)
     local = Path(str(path)).expanduser()
     is_local = local.exists() or not _looks_like_hub_id(str(path))

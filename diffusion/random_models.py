@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion.clip_tokenizer import write_clip_tokenizer
+from diffusion.schedules import SD_DDIM
 from diffusion.tiny import TINY_WORDS
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
@@ -44,8 +46,6 @@ def build_random_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from diffusion.backbone import SD_DDIM
-    from diffusion.clip_tokenizer import write_clip_tokenizer
 
     if arch not in UNETS:
         raise ValueError(f"unknown architecture {arch!r}; use one of {sorted(UNETS)}")

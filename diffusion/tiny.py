@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from diffusion.clip_tokenizer import write_clip_tokenizer
+from diffusion.schedules import SD_DDIM
+
 TINY_WORDS = (
     "a an the photo picture painting rendering drawing of in on with and style object concept "
     "red green blue yellow orange purple pink white black gray brown cat dog toy car tree house "
@@ -30,8 +33,6 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", seed: int = 0) ->
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from diffusion.backbone import SD_DDIM
-    from diffusion.clip_tokenizer import write_clip_tokenizer
 
     if kind not in ("sd", "sd2", "sdxl"):
         raise ValueError(f"unknown tiny model kind {kind!r}")
@@ -85,20 +86,3 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", seed: int = 0) ->
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-BUILDS = {"tiny": "sd", "tiny_sd2": "sd2", "tiny_sdxl": "sdxl", "random_sd15": "sd15", "random_sdxl": "sdxl"}
-
-
-def ensure_built_pipeline(path: str | Path, build: str) -> Path:
-    """Build the model named `build` at `path` unless a folder is already there."""
-    if build not in BUILDS:
-        from utils.errors import ConfigError
-        raise ConfigError(f"model.build={build!r} is unknown; use one of {sorted(BUILDS)} or null")
-    path = Path(path)
-    if not path.exists():
-        if build.startswith("random_"):
-            from diffusion.random_models import build_random_pipeline
-            build_random_pipeline(path, BUILDS[build])
-        else:
-            build_tiny_pipeline(path, BUILDS[build])
-    return path

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.attention import AttentionHub, AttentionStore
-from diffusion.backbone import SD_BETAS, SD_DDIM
+from diffusion.schedules import SD_BETAS, SD_DDIM
 from diffusion.clip_tokenizer import write_clip_tokenizer
 from utils.errors import ConfigError
 from utils.io import atomic_dir

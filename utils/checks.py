@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils.errors import ConfigError
 
+CHECKPOINT_KEY = "run_identity"  # where a checkpoint records the method and model that wrote it
 NOT_LEARNING_RATES = ("lr_decay", "lr_scheduler")  # every other key `lr` or `lr_*` is one (lr_unet, lr_vae, ...)
 POSITIVE_INTS = ("data.batch_size", "data.resolution", "model.resolution")
 NON_NEGATIVE_INTS = ("callbacks.model_checkpoint.every_n_train_steps", "trainer.log_every_n_steps",
@@ -99,8 +100,6 @@ def check_writable(folder: str | Path, key: str) -> None:
 def check_checkpoint(path: str, identity: dict) -> None:
     """A checkpoint to resume from must be a readable checkpoint written by the same method on the same model."""
     import torch
-
-    from callbacks.run_identity import CHECKPOINT_KEY
 
     file = Path(path)
     if not file.is_file():

@@ -67,9 +67,11 @@ def main() -> None:
     probe = ShapesProbe.load(device="cpu")
     sampler = SceneSampler(parts_p=args.parts_p)
     scenes = [sampler.sample(random.Random(args.seed + i)) for i in range(args.prompts)]
-    images = sample_in_batches(backbone, [s.caption() for s in scenes], list(range(args.prompts)), args)
-    scores = score_readings(probe.read(images), scenes, caption_only=True)
-    results = {key: float(scores[key].nanmean()) for key in ("background", "shape", "colour", "texture", "size")}
+    results = {}
+    if scenes:  # --prompts 0: only the size triples and part-by-part prompts
+        images = sample_in_batches(backbone, [s.caption() for s in scenes], list(range(args.prompts)), args)
+        scores = score_readings(probe.read(images), scenes, caption_only=True)
+        results = {key: float(scores[key].nanmean()) for key in ("background", "shape", "colour", "texture", "size")}
     two = [i for i, s in enumerate(scenes) if len(s.objects) == 2]
     if two:
         per_object = score_readings(probe.read(images[two]), [scenes[i] for i in two], caption_only=True)

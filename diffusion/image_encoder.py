@@ -9,7 +9,7 @@ token; here it is applied to all tokens.
 
 Input images are in [-1, 1] (the range of the data modules' `pixel_values` and of
 `Backbone.encode_images`). The CLIP processor's preprocessing is done in torch: map to [0, 1],
-shortest side resized (bicubic), centre crop, CLIP mean / std (metrics/clip.py's helpers; the
+shortest side resized (bicubic), centre crop, CLIP mean / std (utils/frozen_encoder.py; the
 folder's preprocessor_config.json wins where it gives sizes or statistics).
 
 `build_random_encoder(path, size=...)` saves a random-initialised CLIP vision model (ViT-B/16 by
@@ -21,10 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from metrics.clip import CLIP_MEAN, CLIP_STD, first_line, model_dir, read_preprocessing, resize_center_crop
 from utils.errors import ConfigError
+from utils.frozen_encoder import CLIP_MEAN, CLIP_STD, FrozenEncoder, load_weights, model_dir
 
 ENCODER_HINT = ("give a local CLIP vision model folder (e.g. a copy of openai/clip-vit-base-patch16), or build a "
                 "random one with diffusion.image_encoder.build_random_encoder")
@@ -39,36 +38,18 @@ ENCODER_SIZES = {
 }
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(FrozenEncoder):
     """Frozen CLIP vision tokens after the post layer norm: images [B, 3, H, W] in [-1, 1] ->
     [B, num_tokens, hidden] float32."""
 
     def __init__(self, path: str | Path | None, key: str = ENCODER_KEY):
         super().__init__()
-        from transformers import AutoConfig, CLIPVisionModel
+        from transformers import CLIPVisionModel
 
         folder = model_dir(path, key, ENCODER_HINT)
-        try:
-            kind = AutoConfig.from_pretrained(folder).model_type
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"{key}={folder} is not a loadable CLIP vision model ({first_line(e)}); "
-                              f"{ENCODER_HINT}") from None
-        if kind not in ("clip", "clip_vision_model"):
-            raise ConfigError(f"{key}={folder} holds a {kind!r} model, not a CLIP vision model; {ENCODER_HINT}")
-        try:
-            self.model, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"{key}={folder} is not a loadable CLIP vision model ({first_line(e)}); "
-                              f"{ENCODER_HINT}") from None
-        if info["missing_keys"]:
-            missing = sorted(info["missing_keys"])
-            raise ConfigError(f"{key}={folder} lacks {len(missing)} of the CLIP vision model's weights "
-                              f"(e.g. {', '.join(missing[:3])}); {ENCODER_HINT}")
-        config = self.model.config
-        self.resize, self.crop, mean, std = read_preprocessing(folder, config.image_size, CLIP_MEAN, CLIP_STD)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False).eval()
+        self.model = load_weights(CLIPVisionModel.from_pretrained, folder, key, "CLIP vision model", ENCODER_HINT,
+                                  model_types=("clip", "clip_vision_model"))
+        self.set_preprocessing(folder, self.model.config.image_size, CLIP_MEAN, CLIP_STD)
 
     @property
     def hidden_size(self) -> int:
@@ -79,15 +60,9 @@ class ImageEncoder(nn.Module):
         """Class token plus one per patch of the crop (197 for ViT-B/16 at 224)."""
         return (self.crop // self.model.config.patch_size) ** 2 + 1
 
-    def train(self, mode: bool = True) -> "ImageEncoder":
-        """Always eval: E is frozen."""
-        return super().train(False)
-
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> CLIP's normalised input."""
-        x = (images.to(self.mean.device, torch.float32) / 2 + 0.5).clamp(0, 1)
-        x = resize_center_crop(x, self.resize, self.crop)
-        return ((x - self.mean) / self.std).to(self.model.dtype)
+        return super().pixel_values((images.float() / 2 + 0.5).clamp(0, 1))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrics.base import PerImageMean
-from metrics.clip import check_paired, cosines, load_weights, model_dir, read_preprocessing, resize_center_crop
+from metrics.clip import check_paired, cosines
 from utils.errors import ConfigError
+from utils.frozen_encoder import FrozenEncoder, load_weights, model_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +50,7 @@ def as_masks(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return masks
 
 
-class ViTEncoder(nn.Module):
+class ViTEncoder(FrozenEncoder):
     """A frozen DINO ViT: float32 CLS embeddings and the last layer's keys."""
 
     def __init__(self, path: str | Path | None, key: str = "metrics.dino.path"):
@@ -66,22 +67,10 @@ class ViTEncoder(nn.Module):
             raise ConfigError(f"{key}={folder} holds a {type(self.model).__name__}, which has no ViT encoder "
                               f"layers with a key projection; {DINO_HINT}")
         side = self.model.config.image_size
-        self.resize, self.crop, mean, std = read_preprocessing(folder, side, IMAGENET_MEAN, IMAGENET_STD)
+        self.set_preprocessing(folder, side, IMAGENET_MEAN, IMAGENET_STD)
         # ViT's position embeddings only fit other input sizes when asked to interpolate (DINOv2 always does)
         self.forward_kwargs = ({"interpolate_pos_encoding": True} if self.crop != side and "interpolate_pos_encoding"
                                in inspect.signature(self.model.forward).parameters else {})
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> ViTEncoder:
-        """Always eval: a frozen scorer, whatever mode its parent is put in."""
-        return super().train(False)
-
-    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [0, 1] -> the model's normalised input, in the model's dtype and device."""
-        x = resize_center_crop(images.to(self.mean.device, torch.float32), self.resize, self.crop)
-        return ((x - self.mean) / self.std).to(self.model.dtype)
 
     @torch.no_grad()
     def cls(self, images: torch.Tensor) -> torch.Tensor:

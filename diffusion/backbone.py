@@ -7,6 +7,7 @@ methods add their own trainable parameters (in fp32) around it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -257,6 +258,33 @@ def check_backbone_path(path: str | None, kind: str = "auto", build: str | None 
         return  # built on load
     if local.exists() or not _looks_like_hub_id(str(path)):
         _check_local(local, key, _detect_kind(local, None) if kind == "auto" else kind)
+
+
+def model_identity(name: str | None, path: str | Path | None) -> dict[str, str]:
+    """A backbone named portably, for artifact files: the config name, the folder's own name (or the hub id)
+    and a fingerprint of a local folder (its JSON configs and every file's relative path and size), never an
+    absolute path, so that a run copied to another machine still says which model it was trained on."""
+    identity = {"backbone": str(name)}
+    if not path:
+        return identity
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        identity["backbone_model"] = str(path) if _looks_like_hub_id(str(path)) else folder.name
+        return identity
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = file.relative_to(folder).as_posix()
+        digest.update(f"{relative}:{file.stat().st_size}\n".encode())
+        if file.suffix == ".json":
+            try:
+                config = json.loads(file.read_text())
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(config, dict):
+                config.pop("_name_or_path", None)  # where the folder was loaded from, not what it holds
+            digest.update(json.dumps(config, sort_keys=True).encode())
+    identity.update(backbone_model=folder.name, backbone_fingerprint=digest.hexdigest()[:16])
+    return identity
 
 
 def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype | None = None,

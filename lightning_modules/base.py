@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.attention import AttentionHub
-from diffusion.backbone import Backbone, check_backbone_path, dtype_for_precision, load_backbone, resolve_dtype
+from diffusion.backbone import (Backbone, check_backbone_path, dtype_for_precision, load_backbone, model_identity,
+                               resolve_dtype)
 from datamodules.prompts import fill_template
 from diffusion.sampling import generate
 from utils.errors import ArtifactError, ConfigError
@@ -57,6 +58,10 @@ class DiffusionModule(L.LightningModule):
         self.build(self.backbone)
         trained = sum(p.numel() for p in self.trainable_parameters())
         log.info("%s: %d trainable parameters", type(self).__name__, trained)
+
+    def backbone_identity(self) -> dict[str, str]:
+        """The backbone as artifact files name it: config name, folder name, fingerprint (no absolute path)."""
+        return model_identity(self.backbone_config.get("name"), self.backbone_config.get("path"))
 
     def build(self, backbone: Backbone) -> None:
         """Create the trainable parts (fp32) around the frozen backbone."""

@@ -81,8 +81,8 @@ class ConceptSliderModule(DiffusionModule):
         out = Path(out_dir)
         path = save_lora(out / LORA_FILE, self.backbone.unet, sdxl=self.backbone.is_sdxl, adapter_name=ADAPTER)
         info = out / SLIDER_INFO
-        write_json(info, {"method": "concept_slider", "backbone": str(self.backbone_config.get("path")),
-                          "step": self.global_step, "file": LORA_FILE, "adapter_name": ADAPTER, "rank": self.rank,
+        write_json(info, {"method": "concept_slider", **self.backbone_identity(), "step": self.global_step,
+                          "file": LORA_FILE, "adapter_name": ADAPTER, "rank": self.rank,
                           "alpha": self.alpha, "targets": self.targets, **self.info})
         log.info("wrote %s (%d bytes) and %s", path, path.stat().st_size, info)
         return [path, info]

@@ -453,7 +453,7 @@ class EMMaskModule(DiffusionModule):
             written.append(weights)
         info = out / "concepts.json"
         write_json(info, {"method": "em_mask", "masks": self.variant, "step": self.global_step,
-                          "backbone": str(self.backbone_config.get("path")), "concepts": self.concepts,
+                          **self.backbone_identity(), "concepts": self.concepts,
                           "tokens": {t.token: f"tokens/{t.token.strip('<>')}.safetensors" for t in self.tokens},
                           "weights": None if weights is None else weights.name, "mask_rounds": self.round})
         log.info("wrote %d concept tokens%s to %s", len(self.tokens), " and weights" if weights else "", out)

@@ -121,7 +121,7 @@ class ResidualModule(DiffusionModule):
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:
         out = Path(out_dir)
         weights = save_lora(out / LORA_FILE, self.backbone.unet, sdxl=self.backbone.is_sdxl, adapter_name=ADAPTER)
-        meta = {"method": "residuals", "backbone": str(self.backbone_config.get("path")), "step": self.global_step}
+        meta = {"method": "residuals", **self.backbone_identity(), "step": self.global_step}
         embeds = self.tokens.save(out / EMBEDDINGS_FILE, sdxl=self.backbone.is_sdxl, metadata=meta)
         info = out / INFO_FILE
         write_json(info, {**meta, "file": LORA_FILE, "embeddings": EMBEDDINGS_FILE, "adapter_name": ADAPTER,

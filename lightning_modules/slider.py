@@ -250,7 +250,7 @@ class SliderModule(DiffusionModule):
     # ----- artifacts --------------------------------------------------------------------------------
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:
         out = Path(out_dir)
-        meta = {"method": "prompt_slider", "backbone": str(self.backbone_config.get("path")), "step": self.global_step}
+        meta = {"method": "prompt_slider", **self.backbone_identity(), "step": self.global_step}
         path = self.tokens.save(out / EMBEDDINGS_FILE, sdxl=self.backbone.is_sdxl, metadata=meta)
         slider = self.sliders.sliders[0]
         info = out / SLIDER_INFO

@@ -49,8 +49,7 @@ class TextualInversionModule(DiffusionModule):
 
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:
         out = Path(out_dir)
-        meta = {"method": "textual_inversion", "backbone": str(self.backbone_config.get("path")),
-                "step": self.global_step}
+        meta = {"method": "textual_inversion", **self.backbone_identity(), "step": self.global_step}
         path = self.tokens.save(out / EMBEDDINGS_FILE, sdxl=self.backbone.is_sdxl, metadata=meta)
         info = out / "learned_embeds.json"
         write_json(info, {**meta, "token": self.tokens.token, "names": self.tokens.names,

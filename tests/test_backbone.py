@@ -340,3 +340,18 @@ def test_unknown_words_fall_back_to_bytes(word_tokenizer):
 def test_tiny_tokenizer_knows_its_words(tiny):
     """The tiny model's tokenizer has every TINY_WORDS entry as one token."""
     assert all(len(tiny.tokenizers[0](w, add_special_tokens=False).input_ids) == 1 for w in TINY_WORDS)
+
+
+def test_model_identity_is_portable_and_follows_the_content(tiny_dir, tmp_path):
+    import shutil
+
+    from diffusion.backbone import model_identity
+
+    copy = shutil.copytree(tiny_dir, tmp_path / "elsewhere" / tiny_dir.name)
+    here, there = model_identity("tiny", tiny_dir), model_identity("tiny", copy)
+    assert here == there and here["backbone_model"] == tiny_dir.name and len(here["backbone_fingerprint"]) == 16
+    config = copy / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"sample_size": 32', '"sample_size": 16'))
+    assert model_identity("tiny", copy)["backbone_fingerprint"] != here["backbone_fingerprint"]
+    assert model_identity("sd15", "runwayml/stable-diffusion-v1-5") == {
+        "backbone": "sd15", "backbone_model": "runwayml/stable-diffusion-v1-5"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.helpers import snapshot
@@ -62,6 +64,14 @@ def test_textual_inversion_artifact_loads_in_diffusers(base, tiny_dir, tmp_path)
     assert not torch.allclose(loaded, initial), "20 steps of training left the initializer's row unchanged"
     metrics = (run / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics
+    # the files name the backbone portably: no absolute path of this machine
+    info = json.loads((run / "learned_embeds.json").read_text())
+    with safe_open(str(embeds), "pt") as f:
+        header = f.metadata()
+    for record in (info, header):
+        assert record["backbone"] == "tiny" and record["backbone_model"] == tiny_dir.name
+        assert len(record["backbone_fingerprint"]) == 16
+        assert not any(str(v).startswith("/") or str(tmp_path) in str(v) for v in record.values()), record
 
 
 def test_killed_run_resumes_to_the_same_embedding(base, tmp_path):

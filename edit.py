@@ -25,6 +25,10 @@ from utils.task import hydra_entry, refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("edit")
 register_resolvers()
+# the methods whose target row is steered by a prompt-to-prompt controller (`controller`)
+CONTROLLED = ("null_text_p2p", "null_text_p2plus", "negative_prompt_p2p", "style_diffusion")
+FRACTIONS = ("tau_c", "tau_s", "tau_u", "blend_threshold", "style_diffusion.editing.tau_v",
+             "style_diffusion.editing.tau_c", "style_diffusion.editing.tau_s", "style_diffusion.editing.tau_u")
 
 
 def check(cfg: DictConfig) -> Path:
@@ -47,6 +51,11 @@ def check(cfg: DictConfig) -> Path:
     if cfg.edit_method in ("sdedit", "style_diffusion_sdedit") and not (
             is_number(cfg.strength) and 0 <= cfg.strength <= 1):
         raise ConfigError(f"strength={cfg.strength!r} must be a number in [0, 1]; 0 keeps the image, 1 ignores it")
+    for key in FRACTIONS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not (is_number(value) and 0 <= value <= 1):
+            raise ConfigError(f"{key}={value!r} must be a number in [0, 1] (a share of the steps, or a mask threshold)")
+    check_controller(cfg)
     if cfg.blend_words is not None:
         from lightning_modules.style_diffusion import check_blend_words
 
@@ -60,6 +69,31 @@ def check(cfg: DictConfig) -> Path:
         raise ConfigError(f"image_encoder.path={encoder.path} does not exist; give a local CLIP vision model folder "
                           f"or image_encoder.build=base|tiny to build a random one there")
     return image
+
+
+def check_controller(cfg: DictConfig) -> None:
+    """A known prompt-to-prompt controller; replace swaps words one for one, so its prompts have as many words."""
+    from utils.errors import ConfigError
+
+    if cfg.controller not in ("auto", "replace", "refine"):
+        raise ConfigError(f"controller={cfg.controller!r} is unknown; use auto (replace for equal word counts, else "
+                          f"refine), replace or refine")
+    words = [len(str(cfg[key]).split()) for key in ("source", "target")]
+    if cfg.edit_method in CONTROLLED and cfg.controller == "replace" and words[0] != words[1]:
+        raise ConfigError(f"controller=replace swaps words one for one, but source has {words[0]} words and target "
+                          f"{words[1]}; use controller=refine (or auto) when words are added or removed")
+
+
+def check_prompt_lengths(cfg: DictConfig, tokenizer) -> None:
+    """Source and target must fit the text encoder's window (longer prompts would be cut, and their attention
+    maps misaligned)."""
+    from utils.errors import ConfigError
+
+    limit = tokenizer.model_max_length - 2  # the start and end tokens
+    for key in ("source", "target"):
+        count = len(tokenizer(cfg[key], add_special_tokens=False).input_ids)
+        if count > limit:
+            raise ConfigError(f"{key} is {count} tokens, more than the {limit} the text encoder reads; shorten it")
 
 
 def blend_words_of(cfg: DictConfig):
@@ -94,6 +128,7 @@ def edit(cfg: DictConfig) -> dict:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     backbone = load_backbone(**{k: v for k, v in model.items() if k != "dtype"}, dtype=cfg.dtype).to(device)
+    check_prompt_lengths(cfg, backbone.tokenizers[0])
     pixels = load_image(image, int(cfg.model.resolution))[None].to(device)
     generator = torch.Generator(device).manual_seed(int(cfg.seed))
     with torch.no_grad():

@@ -60,6 +60,7 @@ def artifact_files(artifact) -> list[tuple[Path, dict | None]]:
     from diffusion.residuals import read_residual_info
     from diffusion.sliders import read_slider_info
     from utils.errors import ArtifactError, ConfigError
+    from utils.io import check_safetensors
 
     paths = [] if not artifact else [artifact] if isinstance(artifact, str) else list(artifact)
     out = []
@@ -70,6 +71,9 @@ def artifact_files(artifact) -> list[tuple[Path, dict | None]]:
             p = p / (info["file"] if info else ARTIFACT_FILE)
         if not p.is_file():
             raise ArtifactError(f"artifact={path} does not exist; give a run's {ARTIFACT_FILE} (or its run folder)")
+        extra = [p.parent / info["embeddings"]] if info and info.get("method") == "residuals" else []
+        for file in (p, *extra):  # a corrupt file stops here, before the model loads
+            check_safetensors(file, "artifact")
         out.append((p, info))
     if sum(fills_token(info) for _, info in out) > 1:
         raise ConfigError("several artifacts fill one '{}' (textual inversions, residuals runs); give at most one "
@@ -123,6 +127,12 @@ def prepare(cfg: DictConfig):
     fields = available_fields(suite, references, masks, cfg.pairs, sweep)
     suite.check(fields)
     templates = read_prompts(cfg)
+    if any(fills_token(info) for _, info in artifacts):
+        key = f"prompts_file={cfg.prompts_file}" if cfg.prompts_file else "prompts"
+        for template in templates:
+            if "{}" not in template:
+                raise ConfigError(f"{key}: prompt {template!r} has no '{{}}' where the artifact's token goes; write "
+                                  f"'{{}}' in every prompt (e.g. 'a photo of a {{}}')")
     texts = [fill_template(t, cfg.class_word) for t in templates]  # what CLIP-T and the probes read
     check_texts(suite, texts, cfg.model.name)
     return suite, sweep, references, masks, fields, templates, texts, artifacts

@@ -44,7 +44,7 @@ def train(cfg: DictConfig) -> float | None:
 
     check_run_settings(cfg)
     refuse_to_overwrite(cfg.paths.output_dir, resuming=cfg.get("ckpt_path") is not None,
-                        artifacts=tuple(cfg.run_dir_taken_by))
+                        artifacts=tuple(cfg.run_dir_taken_by), can_resume=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
     _ddp_under_multirun(cfg)

@@ -218,7 +218,7 @@ def _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, se
     if s.blend_words is not None:
         check_blend_words([source, target], s.blend_words)  # before Algorithm 1, not after it
     cfg = {**STYLE_DEFAULTS, **dict(s.style_diffusion or {})}
-    encoder = {"path": None, "build": None, **dict(cfg["image_encoder"] or {})}
+    encoder = {"path": None, "build": None, "key": "image_encoder.path", **dict(cfg["image_encoder"] or {})}
     if not encoder["path"]:
         raise ConfigError("image_encoder.path is not set; give a local CLIP vision model folder "
                           "(or image_encoder.build=base|tiny to build a random one there)")

@@ -176,7 +176,8 @@ INFO_FILE = "residuals.json"
 
 def read_residual_info(path: str | Path) -> dict | None:
     """The residuals.json beside an artifact file (or in a run folder); None for another artifact."""
-    return read_info_beside(path, INFO_FILE)
+    return read_info_beside(path, INFO_FILE, required=("method", "file", "embeddings", "token", "class_word", "targets",
+                                                       "parameters"))
 
 
 def load_residuals(backbone, path: str | Path) -> tuple[ResidualSampler, str]:

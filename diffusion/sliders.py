@@ -131,7 +131,7 @@ class SliderSet:
 
 def read_slider_info(path: str | Path) -> dict | None:
     """The slider.json beside an artifact file (or in a run folder); None for a non-slider artifact."""
-    return read_info_beside(path, SLIDER_INFO)
+    return read_info_beside(path, SLIDER_INFO, required=("method", "file"))
 
 
 def load_slider(backbone: Backbone, path: str | Path, adapter_name: str | None = None) -> TokenSlider | LoraSlider:

@@ -273,7 +273,8 @@ def load_embedding_ids(backbone, path: str | Path, token: str | None = None) -> 
         embedding = encoder.get_input_embeddings()
         if value.shape[-1] != embedding.weight.shape[1]:
             raise ArtifactError(f"{path}: vectors of size {value.shape[-1]} do not fit text encoder {i} "
-                                f"(size {embedding.weight.shape[1]}); the file was trained on another model")
+                                f"(size {embedding.weight.shape[1]}); the file was trained on another model: load it "
+                                f"on that one")
         vocab = tokenizer.get_vocab()
         existing = existing_word or token in vocab or f"{token}</w>" in vocab or " " in token
         if existing:

@@ -321,7 +321,8 @@ class StyleDiffusionModule(DiffusionModule):
 
     # ----- model ----------------------------------------------------------------------------------
     def build(self, backbone: Backbone) -> None:
-        self.encoder = ensure_encoder(self.encoder_config["path"], self.encoder_config.get("build"))
+        self.encoder = ensure_encoder(self.encoder_config["path"], self.encoder_config.get("build"),
+                                      self.encoder_config.get("key", ENCODER_KEY))
         self.encoder.to(backbone.device)
         width = backbone.unet.config.cross_attention_dim
         self.mappings = MappingNetworks(

@@ -61,6 +61,31 @@ class KillDuringCheckpointWrite(AtomicCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options)
 
 
+class InjectNaN(L.Callback):
+    """Make the gradients of optimizer step `step` NaN (a one-off bad batch); write the trained weights before
+    and after that step to <dirpath>/nan_step.pt."""
+
+    def __init__(self, step: int, dirpath: str):
+        self.step, self.dirpath, self.before = step, Path(dirpath), None
+
+    def _weights(self, pl_module) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            self.before = self._weights(pl_module)
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step + 1 == self.step:
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            torch.save({"before": self.before, "after": self._weights(pl_module)}, self.dirpath / "nan_step.pt")
+
+
 class DumpTrainedRows(L.Callback):
     """Each rank writes its trained token rows and the prompts it saw to <dirpath>/rank<r>.pt."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import compose_cfg
@@ -78,3 +80,24 @@ def test_residuals_config_has_the_papers_settings(model, rare, tmp_path):
     assert cfg.trainer.max_steps == 150 and cfg.data.batch_size == 4 and module.optimizer.lr == 1e-3
     assert module.token.initializer == rare and module.token.train is False and module.prior.images_dir is None
     assert cfg.data.token == f"<v> {cfg.model.initializer_word}"
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method")
+                                          .glob("*.yaml")))
+def test_every_method_composes_with_no_further_argument(method, tmp_path):
+    """`python train.py method=<m>` needs nothing else: no value is missing, everything resolves, and the data
+    module finds its default data."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg("train", [f"method={method}"], tmp_path)
+    assert cfg.method_name == method
+    for key in cfg:
+        if key != "hydra":
+            node = cfg[key]
+            if OmegaConf.is_config(node):
+                assert not OmegaConf.missing_keys(node), (key, OmegaConf.missing_keys(node))
+                OmegaConf.to_container(node, resolve=True)
+    data = hydra.utils.instantiate(cfg.data)
+    if hasattr(data, "setup") and method not in ("pretrain", "pretrain_b"):  # pretraining streams rendered scenes
+        data.setup("fit")

@@ -222,3 +222,19 @@ def test_edit_py_bad_blend_words_are_one_error_line(method, words, message, imag
                     f"blend_words={words}", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}")
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_edit_py_runs_with_no_argument(tmp_path):
+    """`python edit.py`: StyleDiffusion recolours a shipped shapes-world scene, with a tiny random image encoder
+    built on first use (the step counts are cut here to keep the test short)."""
+    import edit
+    from tests.helpers import compose_cfg
+
+    out = tmp_path / "run"
+    cfg = compose_cfg("edit", ["num_steps=3", "style_diffusion.inner.K=2", f"paths.cache_dir={tmp_path / 'cache'}"],
+                      out)
+    summary = edit.edit(cfg)
+    assert summary["method"] == "style_diffusion" and summary["model"] == "shapes"
+    assert Path(summary["image"]).parent.name == "shapes_captioned" and summary["source"] != summary["target"]
+    for name in ("source.png", "reconstruction.png", "edited.png"):
+        assert Image.open(out / name).size == (64, 64), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -351,3 +352,54 @@ def test_edit_config_shares_the_style_diffusion_settings(tmp_path):
         assert edit_cfg.style_diffusion[key] == train.module[key], key
     assert edit_cfg.style_diffusion.editing.tau_v == 0.4 and train.module.editing.tau_v == 0.6
     assert edit_cfg.style_diffusion.editing.tau_u == train.module.editing.tau_u == 0.5
+
+
+def test_the_default_images_are_shipped_and_reproducible(tmp_path):
+    """assets/shapes_captioned (method=style_diffusion's and edit.py's default) is rebuilt bit for bit; every image
+    has its caption and a recoloured target of as many words."""
+    from datamodules.shapes.captioned import write_captioned_set
+    from datamodules.shapes.world import parse_caption
+
+    shipped = compose_cfg("train", ["method=style_diffusion"], tmp_path).data.images_dir
+    fresh = write_captioned_set(tmp_path / "fresh")
+    names = sorted(p.name for p in fresh.iterdir())
+    assert names == sorted(p.name for p in Path(shipped).iterdir()) == ["00.png", "01.png", "02.png", "edits.json",
+                                                                        "prompts.json"]
+    for name in names:
+        assert (fresh / name).read_bytes() == (Path(shipped) / name).read_bytes(), name
+    prompts, edits = (json.loads((fresh / f).read_text()) for f in ("prompts.json", "edits.json"))
+    for stem, caption in prompts.items():
+        source, target = parse_caption(caption), parse_caption(edits[stem])
+        assert len(caption.split()) == len(edits[stem].split()) and source.objects[0].colour != target.objects[0].colour
+    edit_cfg = compose_cfg("edit", [], tmp_path)
+    assert (edit_cfg.source, edit_cfg.target) == (prompts["00"], edits["00"])
+    assert Path(edit_cfg.image) == Path(shipped) / "00.png"
+
+
+def test_the_method_runs_with_no_data_argument(tmp_path):
+    """`python train.py method=style_diffusion` on the shapes world: the default scenes, a tiny random encoder built
+    on first use (the step counts are cut here to keep the test short)."""
+    import train
+
+    out = tmp_path / "run"
+    cfg = compose_cfg("train", ["method=style_diffusion", "trainer=cpu", "logger=csv", "data.num_steps=3",
+                                "module.inner.K=2", f"paths.cache_dir={tmp_path / 'cache'}"], out)
+    assert cfg.model.name == "shapes" and Path(cfg.data.images_dir).name == "shapes_captioned"
+    assert cfg.module.image_encoder.build == "tiny"
+    train.train(cfg)
+    for stem in ("00", "01", "02"):
+        info = json.loads((out / "style_diffusion" / stem / "style_diffusion.json").read_text())
+        assert info["num_steps"] == 3 and len(info["iterations"]) == 3
+    assert (tmp_path / "cache" / "models" / "clip-vision-tiny-random" / "config.json").is_file()
+
+
+def test_the_encoder_folder_follows_its_build(tmp_path):
+    """Each random architecture has its own folder; without one the paper's CLIP ViT-B/16 is read, and a missing one
+    is an error, never built."""
+    cases = {("model=shapes",): ("clip-vision-tiny-random", "tiny"),
+             ("model=shapes", "module.image_encoder.build=base"): ("clip-vision-base-random", "base"),
+             ("model=sd15",): ("clip-vit-base-patch16", None),
+             ("model=shapes", "module.image_encoder.build=null"): ("clip-vit-base-patch16", None)}
+    for overrides, (folder, build) in cases.items():
+        encoder = compose_cfg("train", ["method=style_diffusion", *overrides], tmp_path).module.image_encoder
+        assert (Path(encoder.path).name, encoder.build) == (folder, build), overrides

@@ -120,7 +120,7 @@ def check_checkpoint(path: str, identity: dict) -> None:
 
 def check_generation_settings(cfg: DictConfig) -> None:
     """evaluate.py's and edit.py's generation settings: whole numbers in range, a finite guidance scale,
-    whole-number seeds (a null num_steps means the method's own)."""
+    whole-number seeds (a null num_steps means the method's own), a device there is."""
     for key, low in (("num_steps", 1), ("batch_size", 1), ("devices", 1), ("seed", 0)):
         if key in cfg and not (key == "num_steps" and cfg[key] is None):
             check_whole(key, cfg[key], low)
@@ -131,6 +131,14 @@ def check_generation_settings(cfg: DictConfig) -> None:
         seeds = cfg.seeds if isinstance(cfg.seeds, ListConfig) else [cfg.seeds]
         if not seeds or not all(_is_int(s) for s in seeds):
             raise ConfigError(f"seeds={cfg.seeds!r} must be a whole number or a list of them; e.g. 'seeds=[0,1,2,3]'")
+    device = cfg.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is unknown; use auto, cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but this machine has no CUDA GPU; use device=cpu (or device=auto)")
 
 
 def check_run_settings(cfg: DictConfig) -> None:

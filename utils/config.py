@@ -21,6 +21,16 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("auto_precision", auto_precision)
     if not OmegaConf.has_resolver("sum"):  # ${sum:${a},${b}}: a run's length from its stages
         OmegaConf.register_new_resolver("sum", lambda *values: sum(int(v) for v in values))
+    if not OmegaConf.has_resolver("image_encoder_dir"):  # StyleDiffusion's E: see image_encoder_dir
+        OmegaConf.register_new_resolver("image_encoder_dir", image_encoder_dir)
+
+
+def image_encoder_dir(build: str | None, cache_dir: str, metric_models_dir: str) -> str:
+    """Where StyleDiffusion's image encoder lives: a random one of architecture `build` in the cache (each size its
+    own folder), or, with no build, the paper's CLIP ViT-B/16 among the metric models."""
+    if build:
+        return f"{cache_dir}/models/clip-vision-{build}-random"
+    return f"{metric_models_dir}/clip-vit-base-patch16"
 
 
 def model_config(name: str) -> DictConfig:

@@ -23,7 +23,7 @@ class CheckRunDir(Callback):
         out = Path(config.hydra.run.dir)
         try:
             refuse_to_overwrite(out, resuming=config.get("ckpt_path") is not None,
-                                artifacts=tuple(config.run_dir_taken_by))
+                                artifacts=tuple(config.run_dir_taken_by), can_resume="ckpt_path" in config)
             check_writable(out, "hydra.run.dir")
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)

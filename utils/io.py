@@ -61,13 +61,36 @@ def read_json(path: str | Path, error: type[Exception]) -> Any:
         raise error(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); fix or rewrite the file") from None
 
 
-def read_info_beside(path: str | Path, name: str) -> dict | None:
-    """The JSON file `name` in a run folder, or beside an artifact file in it; None when there is none."""
+def read_info_beside(path: str | Path, name: str, required: tuple[str, ...] = ()) -> dict | None:
+    """The JSON file `name` in a run folder, or beside an artifact file in it; None when there is none. It must be
+    an object holding the `required` keys."""
     from utils.errors import ArtifactError
 
     path = Path(path)
     info = (path if path.is_dir() else path.parent) / name
-    return read_json(info, ArtifactError) if info.is_file() else None
+    if not info.is_file():
+        return None
+    data = read_json(info, ArtifactError)
+    missing = [k for k in required if k not in data] if isinstance(data, dict) else list(required)
+    if not isinstance(data, dict) or missing:
+        raise ArtifactError(f"{info} is not the {name} a run writes (no {missing[0] if missing else 'object'}); "
+                            f"pass the run's own folder, or export the run again")
+    return data
+
+
+def check_safetensors(path: str | Path, key: str) -> None:
+    """A safetensors file whose header reads (names and shapes; no tensor is loaded), else one ArtifactError."""
+    from safetensors import safe_open
+
+    from utils.errors import ArtifactError
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ArtifactError(f"{key}={path} is not a readable safetensors file ({reason}); pass an intact file "
+                            f"(export it again from its run)") from None
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

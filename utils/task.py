@@ -45,14 +45,16 @@ def task(fn: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
     return wrapped
 
 
-def refuse_to_overwrite(output_dir: str | Path, resuming: bool, artifacts=("checkpoints",)) -> None:
-    """Stop if the output folder already holds a previous run's results (unless resuming into it)."""
+def refuse_to_overwrite(output_dir: str | Path, resuming: bool, artifacts=("checkpoints",),
+                        can_resume: bool = False) -> None:
+    """Stop if the output folder already holds a previous run's results (unless resuming into it; `can_resume`:
+    the entry point resumes from checkpoints)."""
     if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP workers share rank 0's folder
         return
     out = Path(output_dir)
     taken = [a for a in artifacts if (out / a).exists()]
     if taken and not resuming:
-        resume = " or resume with ckpt_path=<its checkpoint>" if taken[0] == "checkpoints" else ""
+        resume = " or resume with ckpt_path=<its checkpoint>" if can_resume and taken[0] == "checkpoints" else ""
         raise ArtifactError(f"{out} already holds a run ({taken[0]}); choose a new hydra.run.dir{resume}")
 
 

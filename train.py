@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from utils.checks import check_run_settings  # noqa: E402
 from utils.config import instantiate_list, register_resolvers  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 from utils.task import hydra_entry, refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("train")
@@ -31,6 +32,10 @@ def _ddp_under_multirun(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():  # SLURM started one process per task: they are the DDP ranks, nothing relaunches
+        return
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and cfg.trainer.get("strategy") == "ddp":
         log.warning("multirun with strategy=ddp: using ddp_spawn so each job's workers stay in that job")
         cfg.trainer.strategy = "ddp_spawn"
@@ -43,6 +48,10 @@ def train(cfg: DictConfig) -> float | None:
     from hydra.utils import instantiate
 
     check_run_settings(cfg)
+    metric = cfg.get("optimized_metric")
+    if metric and str(metric).startswith("eval/") and not cfg.callbacks.get("evaluation"):
+        raise ConfigError(f"optimized_metric={metric} comes from the evaluation callback, which this run does not "
+                          f"have; add callbacks=eval and a metric set, e.g. metrics=shapes_concept")
     refuse_to_overwrite(cfg.paths.output_dir, resuming=cfg.get("ckpt_path") is not None,
                         artifacts=tuple(cfg.run_dir_taken_by), can_resume=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
@@ -56,10 +65,18 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
-    metric = cfg.get("optimized_metric")
-    if metric and metric in trainer.callback_metrics:
-        return float(trainer.callback_metrics[metric])
-    return None
+    return optimized_metric(cfg.get("optimized_metric"), trainer.callback_metrics)
+
+
+def optimized_metric(name: str | None, metrics: dict) -> float | None:
+    """The value a sweeper optimises; a name that the run never logged is an error that lists what it did log."""
+    if not name:
+        return None
+    if name not in metrics:
+        logged = ", ".join(sorted(metrics)) or "nothing"
+        raise ConfigError(f"optimized_metric={name} was not logged by this run (logged: {logged}); for eval/... "
+                          f"metrics add callbacks=eval and a metric set, e.g. metrics=shapes_concept")
+    return float(metrics[name])
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from callbacks.non_finite import ensure_finite
+from utils.loggers import log_wandb_artifact
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +17,10 @@ class ArtifactExport(L.Callback):
     """Call `export_artifacts(dirpath)` on rank 0 at the end of training (and every N steps if asked,
     into dirpath/step_NNNNNN/), so a run's result is usable without its checkpoint."""
 
-    def __init__(self, dirpath: str, every_n_steps: int = 0):
+    def __init__(self, dirpath: str, every_n_steps: int = 0, name: str = "artifacts"):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
+        self.name = name  # the wandb Artifact's name (the method's), when wandb logs the run
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -31,3 +33,4 @@ class ArtifactExport(L.Callback):
             ensure_finite(trainer)
             paths = pl_module.export_artifacts(self.dirpath)
             log.info("artifacts: %s", ", ".join(str(p) for p in paths))
+            log_wandb_artifact(trainer, paths, name=self.name, kind="model")

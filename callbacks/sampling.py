@@ -24,6 +24,7 @@ from datamodules.prompts import fill_template
 from utils.errors import ConfigError
 from utils.images import save_png
 from utils.io import write_json
+from utils.loggers import log_wandb_table
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,14 @@ class SampleGrid(SamplingCallback):
         name = f"step_{trainer.global_step:06d}"
         path = save_png(grid, self.dirpath / "samples" / f"{name}.png")
         write_json(path.with_suffix(".json"), {"step": trainer.global_step, **legend})
-        log_image(trainer, "samples", grid, caption=f"step {trainer.global_step}")
+        log_image(trainer, "samples", grid, caption=grid_caption(trainer.global_step, legend))
         log.info("sample grid: %s", path)
 
 
 class Evaluation(SamplingCallback):
     """Scores the samples with `metrics` and writes <dirpath>/metrics.json (every evaluation so far);
-    the values go to every attached logger as eval/<metric> (eval/<metric>@<setting>=<value> in a sweep).
+    the values go to every attached logger and to trainer.callback_metrics as eval/<metric>
+    (eval/<metric>@<setting>=<value> in a sweep).
 
     pairs: what paired metrics (LPIPS, PSNR, SSIM, Structure-dist) compare with: null, class_word
     (the same prompt with the class word) or first_value (the sweep's first value).
@@ -157,6 +159,9 @@ class Evaluation(SamplingCallback):
             values = flatten_rows(rows, self.sweep)
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
+            # beside the logged training metrics, where train.py reads `optimized_metric` for a sweeper
+            trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in values.items()})
+            log_wandb_table(trainer, "eval/table", [{"step": trainer.global_step, **row} for row in rows])
             log.info("evaluation at step %d: %s", trainer.global_step,
                      ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
@@ -171,6 +176,13 @@ def flatten_rows(rows: list[dict], sweep: Sweep, prefix: str = "eval/") -> dict[
 
 def _to(x: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if x is None else x.to(device)
+
+
+def grid_caption(step: int, legend: dict) -> str:
+    """What the grid shows: its rows (prompts) and columns (the swept setting's values), for the logger."""
+    rows = "; ".join(f"{i}: " + ", ".join(f"{k}={v}" for k, v in row.items()) for i, row in enumerate(legend["rows"]))
+    columns = "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in legend["columns"].items())
+    return f"step {step}. rows: {rows}. columns: {columns}"
 
 
 def log_image(trainer, key: str, image: torch.Tensor, caption: str) -> None:

@@ -32,3 +32,41 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", **kwargs):
         log.info("wandb runs offline under %s/wandb; upload later with `wandb sync %s/wandb/offline-run-*`",
                  save_dir, save_dir)
     return WandbLogger(project=project, save_dir=save_dir, offline=offline, **kwargs)
+
+
+def wandb_runs(trainer) -> list:
+    """The wandb runs among a trainer's loggers (none when wandb is not used)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def log_wandb_table(trainer, key: str, rows: list[dict]) -> None:
+    """One wandb.Table of dict rows (one row per swept value), columns in first-seen order."""
+    runs = wandb_runs(trainer)
+    if not runs or not rows:
+        return
+    import wandb
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+    for run in runs:
+        run.log({key: table}, step=trainer.global_step)
+
+
+def log_wandb_artifact(trainer, paths: list[Path], name: str, kind: str) -> None:
+    """The exported files (folders included) as one wandb Artifact of type `kind`; offline runs keep it for
+    `wandb sync`."""
+    runs = wandb_runs(trainer)
+    if not runs or not paths:
+        return
+    import wandb
+
+    for run in runs:
+        artifact = wandb.Artifact(name=f"{name}-{run.id}", type=kind)
+        for path in map(Path, paths):
+            if path.is_dir():
+                artifact.add_dir(str(path), name=path.name)
+            elif path.is_file():
+                artifact.add_file(str(path), name=path.name)
+        run.log_artifact(artifact)

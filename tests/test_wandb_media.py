@@ -1,0 +1,37 @@
+"""What an offline wandb run holds: the evaluation table, the sample grid with its legend, the artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_offline_wandb_run_holds_the_table_grid_and_artifact(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", "trainer=cpu", "trainer.max_steps=3", "logger=wandb", "callbacks=eval",
+         "metrics=shapes_concept", "callbacks.evaluation.num_steps=2", "callbacks.evaluation.seeds=[0]",
+         "callbacks.sample_grid.num_steps=2", f"hydra.run.dir={run}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (offline,) = (run / "wandb").glob("offline-run-*")
+
+    (table_file,) = (offline / "files" / "media" / "table" / "eval").glob("table_*.table.json")
+    table = json.loads(table_file.read_text())
+    row = dict(zip(table["columns"], table["data"][0]))
+    scored = json.loads((run / "metrics.json").read_text())["evaluations"][-1]["rows"][0]
+    assert len(table["data"]) == 1 and row["step"] == 3
+    assert row["identity/identity"] == scored["identity/identity"]
+
+    assert len(list((offline / "files" / "media" / "images").glob("samples_*.png"))) == 1
+    (record_file,) = offline.glob("run-*.wandb")
+    record = record_file.read_bytes()
+    assert b"rows: 0: prompt=a medium <concept> on a white background" in record  # the grid's legend
+    assert b"columns: seed = 0, 1" in record
+    assert b"textual_inversion-" in record and b"learned_embeds.safetensors" in record  # the artifact

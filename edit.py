@@ -57,7 +57,7 @@ def check(cfg: DictConfig) -> Path:
             raise ConfigError(f"{key}={value!r} must be a number in [0, 1] (a share of the steps, or a mask threshold)")
     check_controller(cfg)
     if cfg.blend_words is not None:
-        from lightning_modules.style_diffusion import check_blend_words
+        from diffusion.prompt_to_prompt import check_blend_words
 
         if cfg.edit_method not in BLEND_METHODS:
             raise ConfigError(f"blend_words applies to the prompt-to-prompt methods ({', '.join(BLEND_METHODS)}), "
@@ -135,7 +135,7 @@ def edit(cfg: DictConfig) -> dict:
         z0 = backbone.encode_images(pixels, generator).float().to(backbone.dtype)
     num_steps = int(cfg.num_steps) if cfg.num_steps is not None else DEFAULT_STEPS[cfg.edit_method]
     plain = settings_of(cfg)
-    settings = EditSettings(**plain, backbone_config=model, pixels=pixels.float())
+    settings = EditSettings(**plain, pixels=pixels.float())
     log.info("%s: %r -> %r, %d steps, w %.3g", cfg.edit_method, cfg.source, cfg.target, num_steps, cfg.guidance_scale)
     start = time.perf_counter()
     latents = METHODS[cfg.edit_method](backbone, z0, cfg.source, cfg.target, num_steps, float(cfg.guidance_scale),

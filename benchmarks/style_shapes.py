@@ -64,22 +64,20 @@ def rendered_scenes(count: int, seed: int = 0) -> list[tuple[torch.Tensor, str]]
 
 def reconstruct(out: Path, count: int, steps: int, encoder: str | None, adam: str, device: str,
                 methods: list[str]) -> dict:
+    from diffusion.attention import AttentionHub
     from diffusion.backbone import load_backbone
-    from diffusion.inversion import negative_prompt_inversion, null_text_inversion
+    from diffusion.image_encoder import ensure_encoder
+    from diffusion.inversion import invert_image, negative_prompt_inversion, null_text_inversion
     from diffusion.inversion import reconstruct as replay
-    from datamodules.trajectories import invert_image
-    from lightning_modules.style_diffusion import StyleDiffusionModule
-    from lightning_modules.style_diffusion import reconstruct as style_replay
+    from diffusion.style_editing import reconstruct as style_replay
+    from diffusion.style_inversion import FitSettings, StyleDiffusionFitter
     from metrics.image_quality import PSNR, SSIM
     from utils.images import save_png
 
     encoder_dir = Path(encoder) if encoder else ROOT / ".cache" / "models" / "clip-vit-b16-random"
-    module = StyleDiffusionModule({"path": str(ROOT / "models" / "shapes")},
-                                  {"path": str(encoder_dir), "build": None if encoder else "base"},
-                                  num_steps=steps, adam={"preset": adam})
-    module.configure_model()
-    module.to(device)
-    backbone = module.backbone
+    backbone = load_backbone(str(ROOT / "models" / "shapes")).to(device)
+    image_encoder = ensure_encoder(encoder_dir, None if encoder else "base").to(device)
+    fitter = StyleDiffusionFitter.create(backbone, image_encoder, FitSettings(steps, adam={"preset": adam}))
     uncond = backbone.encode_prompt([""])
     rows, grid = [], []
     unknown = sorted(set(methods) - set(METHODS))
@@ -101,8 +99,9 @@ def reconstruct(out: Path, count: int, steps: int, encoder: str | None, adam: st
                 z = replay(backbone, latents, cond, negative_prompt_inversion(cond, steps), steps)
             else:
                 generator = torch.Generator(device).manual_seed(k)  # M_t's N(0, 0.01) start, per image
-                inversion = module.fit_image(pixels, caption, trajectory, name=f"{k:02d}", generator=generator)
-                z = style_replay(backbone, module.attention_hub(), inversion)
+                with AttentionHub(backbone.unet) as hub:  # StyleDiffusion's value input goes through its processors
+                    inversion = fitter.fit(hub, pixels, caption, trajectory, name=f"{k:02d}", generator=generator)
+                    z = style_replay(backbone, hub, inversion)
             seconds[method] += time.perf_counter() - start
             recon[method] = z
         target = ((pixels[None] + 1) / 2).clamp(0, 1).to(device)
@@ -228,8 +227,7 @@ def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, dev
         row["target_render"] = {"success": float(oracle[attribute][obj]),
                                 "background_kept": float(oracle["background"][0])}
         for method in methods:
-            settings = EditSettings(seed=k, strength=strength, pixels=pixels, backbone_config={
-                "path": str(ROOT / "models" / "shapes")},
+            settings = EditSettings(seed=k, strength=strength, pixels=pixels,
                 style_diffusion={"image_encoder": {"path": str(encoder_dir), "build": None if encoder else "base"}})
             start = time.perf_counter()
             latents = METHODS[method](backbone, z0, source, prompt, DEFAULT_STEPS[method], 7.5, settings)

@@ -7,7 +7,7 @@ a blue circle" (equal word counts: AttentionReplace). Timed on the same backbone
 matrix products):
 
 - inversion of one image at T = 30: the DDIM trajectory with its 16x16 maps, then Algorithm 1
-  (`StyleDiffusionModule.fit_image`, the paper's K_t and Adam), and null-text inversion of the same
+  (`StyleDiffusionFitter.fit`, the paper's K_t and Adam), and null-text inversion of the same
   trajectory (Mokady et al.'s settings, up to 10 Adam steps per step) at T = 30 and at its own N = 50;
 - one editing pass [source replay, target] at T = 30 with the P2Plus controller: StyleDiffusion (value
   injection until tau_v T) against null-text + P2P and null-text + P2Plus (per-step unconditional
@@ -53,7 +53,7 @@ def load(model: str, device: str):
     from utils.config import model_config
 
     config = {k: v for k, v in model_config(model).items() if k != "dtype"}
-    return load_backbone(**config, dtype="float32").to(device), config
+    return load_backbone(**config, dtype="float32").to(device)
 
 
 def main() -> None:
@@ -66,33 +66,33 @@ def main() -> None:
     args = parser.parse_args()
 
     from datamodules.image_set import load_image
-    from datamodules.trajectories import invert_latents
+    from diffusion.attention import AttentionHub
     from diffusion.editing import EditSettings, p2p_controller, sample_controlled
-    from diffusion.inversion import null_text_inversion
-    from lightning_modules.style_diffusion import StyleDiffusionModule, edit
+    from diffusion.image_encoder import ensure_encoder
+    from diffusion.inversion import invert_latents, null_text_inversion
+    from diffusion.style_editing import edit
+    from diffusion.style_inversion import FitSettings, StyleDiffusionFitter
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone, config = load(args.model, device)
+    backbone = load(args.model, device)
     n, w = args.steps, 7.5
     image = load_image(ROOT / "assets" / "shapes_scenes" / "00.png", backbone.resolution)
     z0 = backbone.encode_images(image[None].to(device), torch.Generator(device).manual_seed(0)).float()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    module = StyleDiffusionModule(config, {"path": str(args.out / f"clip-vit-{args.encoder}"), "build": args.encoder},
-                                  num_steps=n, guidance_scale=w)
-    module.backbone = backbone
-    module.build(backbone)
-    module.to(device)
+    encoder = ensure_encoder(args.out / f"clip-vit-{args.encoder}", args.encoder).to(device)
+    fitter = StyleDiffusionFitter.create(backbone, encoder, FitSettings(n, w))
     result: dict = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "T": n, "guidance_scale": w, "repeats": args.repeats}
 
     trajectory, result["ddim_inversion_s"] = timed(lambda: invert_latents(backbone, z0, SOURCE, n))
     generator = torch.Generator(device).manual_seed(0)
+    hub = AttentionHub(backbone.unet)  # StyleDiffusion's value input goes through the hub's processors
     inversion, result["style_diffusion_fit_s"] = timed(
-        lambda: module.fit_image(image[None].to(device), SOURCE, trajectory, "scene_00", generator))
+        lambda: fitter.fit(hub, image[None].to(device), SOURCE, trajectory, "scene_00", generator))
     result["style_diffusion_iterations"] = sum(inversion.iterations)
     cond_src = backbone.encode_prompt([SOURCE])
     latents = [z[None].to(device) for z in trajectory.latents]
@@ -110,7 +110,6 @@ def main() -> None:
 
     cond = backbone.encode_prompt([SOURCE, TARGET])
     settings = EditSettings()
-    hub = module.attention_hub()
     passes = {
         "style_diffusion_p2plus": lambda: edit(backbone, hub, inversion, [TARGET], guidance_scale=w),
         "null_text_p2p": lambda: sample_controlled(backbone, cond, latents[-1], schedule, n, w,
@@ -125,7 +124,7 @@ def main() -> None:
                 _, seconds = timed(fn)
                 if r:
                     times[name].append(seconds)
-    module.teardown("edit")
+    hub.restore()
     per_step = {name: statistics.median(t) / n for name, t in times.items()}
     result["edit_s_per_step"] = per_step
     result["style_over_null_text"] = per_step["style_diffusion_p2plus"] / per_step["null_text_p2p"]

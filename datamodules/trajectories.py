@@ -3,13 +3,8 @@
 Layout: `images_dir/*.png|jpg|...` and `images_dir/prompts.json` ({image stem: source prompt}),
 or a prompts file elsewhere (`prompts_file`). For each image the data module keeps the DDIM
 inversion at guidance 1 with the source prompt (paper 003, Sec. 3.3.1 and Alg. 1; T = 30, Sec. 4):
-
-- `latents` [N+1, C, h, w]: z*_0 (the VAE latent of the image) ... z*_N (noisiest), the order of
-  `ddim_invert`; sampling step i goes from latents[N-i] to latents[N-1-i];
-- `maps` [N, r, r, K]: the r x r (16) cross-attention maps of inversion step k (the UNet call on
-  z*_k at the timestep of sampling step N-1-k), averaged over heads and over the down / up layers
-  of that resolution, over all K text keys (token positions 0..76: start, words, end, padding).
-  `Trajectory.step_map(i)` pairs them with sampling steps as the authors' code does.
+a `Trajectory` of latents z*_0 .. z*_N and the 16x16 cross-attention maps of every step, computed by
+`diffusion.inversion.invert_image` (which documents the layout).
 
 The inversion needs the backbone, which the data module does not own: `setup()` only reads and
 checks the folder (so a bad folder fails before any model is loaded), and the LightningModule calls
@@ -26,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -38,35 +32,13 @@ from torch.utils.data import DataLoader
 
 from datamodules.image_set import ImageRecord, load_image, scan_image_set
 from datamodules.stream import IndexedStream, pass_order_index, stream_position
-from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone
-from diffusion.sampling import ddim_invert
+from diffusion.inversion import Trajectory, invert_image
 from utils.errors import DataError
 from utils.io import read_json, write_safetensors
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when what a cache file holds changes
-
-
-@dataclass
-class Trajectory:
-    """One image's DDIM inversion: latents [N+1, C, h, w] (z*_0 .. z*_N) and maps [N, r, r, K]."""
-
-    latents: torch.Tensor
-    maps: torch.Tensor
-
-    @property
-    def num_steps(self) -> int:
-        return self.maps.shape[0]
-
-    def latent_list(self) -> list[torch.Tensor]:
-        """[z*_0, ..., z*_N] as batch-1 tensors, what `ddim_invert` returns and diffusion.inversion takes."""
-        return list(self.latents.unsqueeze(1).unbind(0))
-
-    def step_map(self, i: int) -> torch.Tensor:
-        """The inverted maps sampling step i is regressed on: those recorded on z*_{N-i}, its input
-        latent (the reference code's pairing; step 0 takes the last inversion step's maps)."""
-        return self.maps[min(self.num_steps - i, self.num_steps - 1)]
 
 
 def read_prompts(path: Path, records: Sequence[ImageRecord]) -> list[str]:
@@ -83,40 +55,6 @@ def read_prompts(path: Path, records: Sequence[ImageRecord]) -> list[str]:
             raise DataError(f"{path} has no source prompt for image {r.image.name}; add \"{r.image.stem}\": \"...\"")
         out.append(text)
     return out
-
-
-def step_maps(store: AttentionStore, resolution: int) -> torch.Tensor:
-    """[calls, batch, r, r, K]: per UNet call, the recorded cross maps of that resolution averaged over layers."""
-    layers = [torch.stack(maps) for place, maps in store.maps.items()
-              if place.is_cross and store.hw[place] == (resolution, resolution)]
-    if not layers:
-        raise ValueError(f"no cross-attention maps recorded at {resolution}x{resolution}; the UNet has no "
-                         f"cross-attention layer of that size in the chosen blocks")
-    mean = torch.stack(layers).mean(0)
-    return mean.reshape(*mean.shape[:2], resolution, resolution, mean.shape[-1])
-
-
-@torch.no_grad()
-def invert_image(backbone: Backbone, pixels: torch.Tensor, prompt: str, num_steps: int, map_resolution: int = 16,
-                 map_blocks: Sequence[str] = ("down", "up"), encode_seed: int = 0) -> Trajectory:
-    """DDIM inversion at guidance 1 of one image [3, H, W] in [-1, 1], recording the conditional
-    branch's cross-attention maps (heads averaged) of every step. A hub the module has installed on
-    the UNet is stacked over for the duration and comes back after."""
-    generator = torch.Generator(backbone.device).manual_seed(encode_seed)
-    z0 = backbone.encode_images(pixels[None].to(backbone.device), generator).float()
-    return invert_latents(backbone, z0, prompt, num_steps, map_resolution, map_blocks)
-
-
-def invert_latents(backbone: Backbone, z0: torch.Tensor, prompt: str, num_steps: int, map_resolution: int = 16,
-                   map_blocks: Sequence[str] = ("down", "up")) -> Trajectory:
-    """`invert_image` from the image's latents z_0 [1, C, h, w]."""
-    store = AttentionStore(cross=True, blocks=tuple(map_blocks), resolutions=[map_resolution], cond_only=True,
-                           average_heads=True)
-    with AttentionHub(backbone.unet, [store]) as hub:
-        trajectory = ddim_invert(backbone, z0, backbone.encode_prompt([prompt]), num_steps, guidance_scale=1.0,
-                                 hub=hub)
-    maps = step_maps(store, map_resolution)[:, 0]
-    return Trajectory(torch.cat(trajectory).float().cpu(), maps.float().cpu())
 
 
 def cache_key(image_bytes: bytes, prompt: str, settings: dict) -> str:

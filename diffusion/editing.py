@@ -20,7 +20,7 @@ both rows sampled in one batch with the same start latent, steps and guidance:
 - `negative_prompt_p2p`: negative-prompt inversion (every step's unconditional embedding is the source
   prompt's) with the same controller as `null_text_p2p`.
 - `style_diffusion`: the DDIM trajectory of z_0 (guidance 1, 16x16 cross maps), Algorithm 1
-  (`StyleDiffusionModule.fit_image`) on it, then `lightning_modules.style_diffusion.edit` with P2Plus
+  (`diffusion.style_inversion.StyleDiffusionFitter`) on it, then `diffusion.style_editing.edit` with P2Plus
   and the authors' code defaults tau_v 0.6, tau_c 0.6, tau_s 0.8, tau_u 0.5. T = 30 in the paper.
   The image encoder reads `settings.pixels` (the image in [-1, 1]) or, without them, the decoded z_0.
 - `style_diffusion_sdedit`: StyleDiffusion + SDEdit (Sec. 5.2.5): the same inversion, then the target
@@ -30,7 +30,7 @@ both rows sampled in one batch with the same start latent, steps and guidance:
 LocalBlend (prompt-to-prompt): the P2P-family methods and both StyleDiffusion ones (`BLEND_METHODS`)
 take `settings.blend_words`, the source prompt's words then the target's (["cat", "dog"], or lists of
 words), and `settings.blend_threshold`; the edited row then changes only inside the union of both
-words' attention masks (lightning_modules.style_diffusion.edit_blend; None = off).
+words' attention masks (diffusion.prompt_to_prompt.edit_blend; None = off).
 
 `METHODS` maps each name to its function; `DEFAULT_STEPS` gives each method's step count of the paper.
 """
@@ -44,8 +44,12 @@ import torch
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone
-from diffusion.inversion import negative_prompt_inversion, null_text_inversion
-from diffusion.sampling import DDIMSchedule, ddim_invert, ddim_sample
+from diffusion.image_encoder import ensure_encoder
+from diffusion.inversion import invert_latents, negative_prompt_inversion, null_text_inversion
+from diffusion.prompt_to_prompt import check_blend_words, edit_blend, edit_controller
+from diffusion.sampling import DDIMSchedule, ddim_invert, ddim_sample, sdedit_start
+from diffusion.style_editing import edit as style_edit
+from diffusion.style_inversion import FitSettings, StyleDiffusionFitter
 from utils.errors import ConfigError
 
 
@@ -63,7 +67,6 @@ class EditSettings:
     seed: int = 0             # SDEdit's noise; StyleDiffusion's mapping-network initialisation
     null_text: dict = field(default_factory=dict)        # null_text_inversion keyword arguments
     style_diffusion: dict = field(default_factory=dict)  # see STYLE_DEFAULTS
-    backbone_config: dict | None = None  # StyleDiffusion: the backbone's config (model.*), for the module
     pixels: torch.Tensor | None = None   # StyleDiffusion: the image [1, 3, H, W] in [-1, 1] for E(x)
 
     @classmethod
@@ -73,10 +76,11 @@ class EditSettings:
         return cls(**dict(settings or {}))
 
 
-# the edit's own settings; Algorithm 1's (inner, adam, mapping, early_stop, ...) and the taus (editing) default
-# to StyleDiffusionModule's
+# the edit's own settings; Algorithm 1's (inner, adam, early_stop, ...) default to FitSettings', the mapping
+# networks' to MappingNetwork's and the taus (editing: tau_v, tau_c, tau_s, tau_u) to style_editing.edit's
 STYLE_DEFAULTS = {"image_encoder": {"path": None, "build": None}, "map_resolution": 16, "map_blocks": ("down", "up")}
-STYLE_MODULE_KEYS = ("mapping", "inner", "adam", "early_stop", "early_stop_growth", "attention_weight", "editing")
+FIT_KEYS = ("inner", "adam", "early_stop", "early_stop_growth", "attention_weight")
+TAUS = ("tau_v", "tau_c", "tau_s", "tau_u")
 
 
 def _pair(backbone: Backbone, source: str, target: str):
@@ -93,15 +97,11 @@ def _check(z0: torch.Tensor, source: str, target: str) -> None:
 
 def p2p_controller(backbone: Backbone, source: str, target: str, s: EditSettings, tau_u: float | None):
     """The prompt-to-prompt controller of the P2P baselines (s.controller, s.tau_c, s.tau_s; P2Plus with tau_u)."""
-    from lightning_modules.style_diffusion import edit_controller
-
     return edit_controller(backbone.tokenizers[0], source, [target], s.controller, s.tau_c, s.tau_s, tau_u)
 
 
 def _blend(backbone: Backbone, source: str, target: str, s: EditSettings):
     """The LocalBlend of s.blend_words (None when off); built before any inversion, so a bad word stops at once."""
-    from lightning_modules.style_diffusion import edit_blend
-
     return edit_blend(backbone.tokenizers[0], [source, target], s.blend_words, s.blend_threshold)
 
 
@@ -124,13 +124,6 @@ def ddim_word_swap(backbone: Backbone, z0: torch.Tensor, source: str, target: st
     z_n = ddim_invert(backbone, z0, cond_src, num_steps)[-1]
     return ddim_sample(backbone, cond, z_n.expand(2, *z_n.shape[1:]), backbone.encode_prompt([""]), num_steps,
                        guidance_scale)
-
-
-def sdedit_start(num_steps: int, strength: float) -> int:
-    """The sampling step SDEdit starts at: round((1 - strength) N) (N: no step, 0: the noisiest)."""
-    if not 0.0 <= strength <= 1.0:
-        raise ConfigError(f"sdedit strength={strength} is outside [0, 1]; 0 keeps the image, 1 ignores it")
-    return round((1.0 - strength) * num_steps)
 
 
 @torch.no_grad()
@@ -208,9 +201,6 @@ def style_diffusion_sdedit(backbone: Backbone, z0: torch.Tensor, source: str, ta
 
 @torch.no_grad()
 def _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, settings, sdedit: bool):
-    from datamodules.trajectories import invert_latents
-    from lightning_modules.style_diffusion import StyleDiffusionModule, check_blend_words, edit
-
     _check(z0, source, target)
     s = EditSettings.create(settings)
     if sdedit:
@@ -222,26 +212,19 @@ def _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, se
     if not encoder["path"]:
         raise ConfigError("image_encoder.path is not set; give a local CLIP vision model folder "
                           "(or image_encoder.build=base|tiny to build a random one there)")
-    if not s.backbone_config:
-        raise ConfigError("style_diffusion needs the backbone's config (settings.backbone_config, e.g. model.*)")
-    module = StyleDiffusionModule(dict(s.backbone_config), encoder, num_steps=num_steps,
-                                  guidance_scale=guidance_scale, seed=int(s.seed),
-                                  **{k: cfg[k] for k in STYLE_MODULE_KEYS if k in cfg})
-    module.backbone = backbone  # the given backbone, not a second copy
-    module.build(backbone)
-    module.to(backbone.device)  # fit_image places its tensors on the module's device
+    fit = FitSettings(num_steps, guidance_scale, map_blocks=cfg["map_blocks"],
+                      **{k: cfg[k] for k in FIT_KEYS if k in cfg})  # a bad schedule or preset stops here
+    taus = {k: v for k, v in dict(cfg.get("editing") or {}).items() if k in TAUS}
+    image_encoder = ensure_encoder(encoder["path"], encoder["build"], encoder["key"]).to(backbone.device)
+    fitter = StyleDiffusionFitter.create(backbone, image_encoder, fit, **dict(cfg.get("mapping") or {}))
     trajectory = invert_latents(backbone, z0, source, num_steps, cfg["map_resolution"], cfg["map_blocks"])
     pixels = s.pixels if s.pixels is not None else backbone.decode_latents(z0) * 2 - 1
     generator = torch.Generator(backbone.device).manual_seed(int(s.seed))
-    try:
-        inversion = module.fit_image(pixels.to(backbone.device, torch.float32), source, trajectory, "image",
-                                     generator)
-        taus = module.editing  # tau_v, tau_c, tau_s, tau_u: the settings' editing over the module's defaults
-        return edit(backbone, module.attention_hub(), inversion, [target], taus["tau_v"], taus["tau_c"],
-                    taus["tau_s"], taus["tau_u"], s.controller, guidance_scale, s.blend_words, s.blend_threshold,
-                    sdedit_strength=s.strength if sdedit else None)
-    finally:
-        module.teardown("edit")  # the UNet gets its processors back
+    with AttentionHub(backbone.unet) as hub:  # the UNet gets its processors back
+        inversion = fitter.fit(hub, pixels.to(backbone.device, torch.float32), source, trajectory, "image", generator)
+        return style_edit(backbone, hub, inversion, [target], **taus, controller=s.controller,
+                          guidance_scale=guidance_scale, blend_words=s.blend_words, blend_threshold=s.blend_threshold,
+                          sdedit_strength=s.strength if sdedit else None)
 
 
 EditMethod = Callable[..., torch.Tensor]

@@ -1,4 +1,5 @@
-"""Real-image inversion under classifier-free guidance: null-text and negative-prompt inversion.
+"""Real-image inversion: null-text and negative-prompt inversion under classifier-free guidance, and
+the DDIM trajectory with its cross-attention maps that StyleDiffusion fits to.
 
 Both start from a plain DDIM trajectory [z_0, ..., z_N] (`diffusion.sampling.ddim_invert` at
 guidance 1, z_N noisiest) and choose, for every sampling step i, the unconditional embedding that
@@ -10,18 +11,30 @@ guided sampling from z_N uses, so that sampling at guidance w retraces the traje
 
 The result is an `UncondSchedule`: one unconditional `Conditioning` per sampling step, callable
 as `(step index, timestep) -> Conditioning`, the schedule `ddim_sample` takes as its `uncond`.
+
+StyleDiffusion (paper 003, Sec. 3.3.1 and Alg. 1; T = 30, Sec. 4) needs more of the inversion at
+guidance 1 with the source prompt: `invert_image` returns a `Trajectory`,
+
+- `latents` [N+1, C, h, w]: z*_0 (the VAE latent of the image) ... z*_N (noisiest), the order of
+  `ddim_invert`; sampling step i goes from latents[N-i] to latents[N-1-i];
+- `maps` [N, r, r, K]: the r x r (16) cross-attention maps of inversion step k (the UNet call on
+  z*_k at the timestep of sampling step N-1-k), averaged over heads and over the down / up layers
+  of that resolution, over all K text keys (token positions 0..76: start, words, end, padding).
+  `Trajectory.step_map(i)` pairs them with sampling steps as the authors' code does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone, Conditioning
-from diffusion.sampling import CondSchedule, DDIMSchedule, ddim_sample, guided_epsilon
+from diffusion.sampling import CondSchedule, DDIMSchedule, ddim_invert, ddim_sample, guided_epsilon
 
 
 @dataclass
@@ -131,3 +144,59 @@ def negative_prompt_inversion(cond: Conditioning, num_steps: int) -> UncondSched
     """Negative-prompt inversion (Miyake et al.): every step's unconditional embedding is the source
     prompt's, so guided sampling from z_N of a DDIM trajectory follows the guidance-1 sampler."""
     return UncondSchedule([cond] * num_steps, [0] * num_steps, [float("nan")] * num_steps)
+
+
+# ----- StyleDiffusion's targets: the trajectory with its cross-attention maps -------------------------
+@dataclass
+class Trajectory:
+    """One image's DDIM inversion: latents [N+1, C, h, w] (z*_0 .. z*_N) and maps [N, r, r, K]."""
+
+    latents: torch.Tensor
+    maps: torch.Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.maps.shape[0]
+
+    def latent_list(self) -> list[torch.Tensor]:
+        """[z*_0, ..., z*_N] as batch-1 tensors, what `ddim_invert` returns and the inversions above take."""
+        return list(self.latents.unsqueeze(1).unbind(0))
+
+    def step_map(self, i: int) -> torch.Tensor:
+        """The inverted maps sampling step i is regressed on: those recorded on z*_{N-i}, its input
+        latent (the reference code's pairing; step 0 takes the last inversion step's maps)."""
+        return self.maps[min(self.num_steps - i, self.num_steps - 1)]
+
+
+def step_maps(store: AttentionStore, resolution: int) -> torch.Tensor:
+    """[calls, batch, r, r, K]: per UNet call, the recorded cross maps of that resolution averaged over layers."""
+    layers = [torch.stack(maps) for place, maps in store.maps.items()
+              if place.is_cross and store.hw[place] == (resolution, resolution)]
+    if not layers:
+        raise ValueError(f"no cross-attention maps recorded at {resolution}x{resolution}; the UNet has no "
+                         f"cross-attention layer of that size in the chosen blocks")
+    mean = torch.stack(layers).mean(0)
+    return mean.reshape(*mean.shape[:2], resolution, resolution, mean.shape[-1])
+
+
+@torch.no_grad()
+def invert_image(backbone: Backbone, pixels: torch.Tensor, prompt: str, num_steps: int, map_resolution: int = 16,
+                 map_blocks: Sequence[str] = ("down", "up"), encode_seed: int = 0) -> Trajectory:
+    """DDIM inversion at guidance 1 of one image [3, H, W] in [-1, 1], recording the conditional
+    branch's cross-attention maps (heads averaged) of every step. A hub already installed on the
+    UNet is stacked over for the duration and comes back after."""
+    generator = torch.Generator(backbone.device).manual_seed(encode_seed)
+    z0 = backbone.encode_images(pixels[None].to(backbone.device), generator).float()
+    return invert_latents(backbone, z0, prompt, num_steps, map_resolution, map_blocks)
+
+
+def invert_latents(backbone: Backbone, z0: torch.Tensor, prompt: str, num_steps: int, map_resolution: int = 16,
+                   map_blocks: Sequence[str] = ("down", "up")) -> Trajectory:
+    """`invert_image` from the image's latents z_0 [1, C, h, w]."""
+    store = AttentionStore(cross=True, blocks=tuple(map_blocks), resolutions=[map_resolution], cond_only=True,
+                           average_heads=True)
+    with AttentionHub(backbone.unet, [store]) as hub:
+        trajectory = ddim_invert(backbone, z0, backbone.encode_prompt([prompt]), num_steps, guidance_scale=1.0,
+                                 hub=hub)
+    maps = step_maps(store, map_resolution)[:, 0]
+    return Trajectory(torch.cat(trajectory).float().cpu(), maps.float().cpu())

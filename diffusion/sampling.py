@@ -1,4 +1,4 @@
-"""DDIM sampling with classifier-free guidance, partial denoising, and DDIM inversion.
+"""DDIM sampling with classifier-free guidance, partial denoising (SDEdit's start step), and DDIM inversion.
 
 One DDIM update (`DDIMSchedule.step`) serves both directions, so an inverted trajectory and its
 reconstruction use the same timesteps and the same alphas. With guidance, the conditional and
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone, Conditioning
+from utils.errors import ConfigError
 
 
 class DDIMSchedule:
@@ -104,6 +105,13 @@ def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: 
         hub.state.step = hub.state.num_steps = None
         hub.state.cfg = False
     return x
+
+
+def sdedit_start(num_steps: int, strength: float) -> int:
+    """The sampling step SDEdit starts at: round((1 - strength) N) (N: no step, 0: the noisiest)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"sdedit strength={strength} is outside [0, 1]; 0 keeps the image, 1 ignores it")
+    return round((1.0 - strength) * num_steps)
 
 
 @torch.no_grad()

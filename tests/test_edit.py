@@ -14,10 +14,9 @@ from PIL import Image, ImageDraw
 
 import diffusion.editing as editing
 from diffusion.attention import LocalBlend
-from diffusion.editing import (BLEND_METHODS, METHODS, EditSettings, ddim_word_swap, null_text_p2p, sdedit,
-                               sdedit_start)
+from diffusion.editing import BLEND_METHODS, METHODS, EditSettings, ddim_word_swap, null_text_p2p, sdedit
 from diffusion.image_encoder import build_random_encoder
-from diffusion.sampling import ddim_sample, initial_noise
+from diffusion.sampling import ddim_sample, initial_noise, sdedit_start
 from utils.errors import ConfigError
 from tests.helpers import snapshot
 
@@ -40,11 +39,10 @@ def sampled_latents(backbone, num_steps: int = 6, seed: int = 0) -> torch.Tensor
     return ddim_sample(backbone, backbone.encode_prompt([SOURCE]), noise, num_steps=num_steps, guidance_scale=1.0)
 
 
-def test_every_method_returns_the_reconstruction_and_the_edit(tiny, tiny_dir, encoder_dir):
+def test_every_method_returns_the_reconstruction_and_the_edit(tiny, encoder_dir):
     z0 = sampled_latents(tiny)
     settings = EditSettings(null_text={"inner_steps": 2, "lr": 0.1},
-                            style_diffusion={"image_encoder": {"path": str(encoder_dir)}, "inner": {"K": 2}},
-                            backbone_config={"path": str(tiny_dir)})
+                            style_diffusion={"image_encoder": {"path": str(encoder_dir)}, "inner": {"K": 2}})
     processors = dict(tiny.unet.attn_processors)
     for name, method in METHODS.items():
         out = method(tiny, z0, SOURCE, TARGET, 3, 7.5, settings)
@@ -118,12 +116,11 @@ def test_local_blend_keeps_the_edit_inside_the_mask_and_the_source_outside(tiny,
     assert not torch.equal(out[1], plain[1])
 
 
-def test_empty_blend_mask_makes_every_p2p_method_return_the_source(tiny, tiny_dir, encoder_dir):
+def test_empty_blend_mask_makes_every_p2p_method_return_the_source(tiny, encoder_dir):
     """A threshold above 1 leaves no mask: the edited row is the reconstruction after every method's last step."""
     z0 = sampled_latents(tiny)
     settings = EditSettings(null_text={"inner_steps": 2, "lr": 0.1}, blend_words=BLEND, blend_threshold=1.5,
-                            style_diffusion={"image_encoder": {"path": str(encoder_dir)}, "inner": {"K": 2}},
-                            backbone_config={"path": str(tiny_dir)})
+                            style_diffusion={"image_encoder": {"path": str(encoder_dir)}, "inner": {"K": 2}})
     for name in BLEND_METHODS:
         out = METHODS[name](tiny, z0, SOURCE, TARGET, 3, 7.5, settings)
         assert torch.equal(out[1], out[0]), name

@@ -110,9 +110,10 @@ def test_residuals_train_on_gpu(tiny_dir, image_folder, tmp_path):
 
 def test_style_diffusion_fits_replays_and_edits_on_gpu(tiny_dir, tmp_path):
     """An inversion keeps E(x) on the CPU; replay and edit move it to the mapping networks' device."""
-    from datamodules.trajectories import invert_latents
     from diffusion.image_encoder import build_random_encoder
-    from lightning_modules.style_diffusion import StyleDiffusionModule, edit, reconstruct
+    from diffusion.inversion import invert_latents
+    from diffusion.style_editing import edit, reconstruct
+    from lightning_modules.style_diffusion import StyleDiffusionModule
 
     encoder = build_random_encoder(tmp_path / "clip-tiny", size="tiny")
     module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder)}, num_steps=2,

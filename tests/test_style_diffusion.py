@@ -21,8 +21,9 @@ from diffusion.image_encoder import ImageEncoder, build_random_encoder
 from diffusion.inversion import reconstruct as replay_with_uncond
 from diffusion.mapping import MappingNetwork, MappingNetworks
 from diffusion.sampling import generate
-from lightning_modules.style_diffusion import (StyleDiffusionModule, adam_settings, inner_iterations,
-                                               edit, load_inversion, reconstruct, save_inversion)
+from diffusion.style_editing import edit, reconstruct
+from diffusion.style_inversion import adam_settings, inner_iterations, load_inversion, save_inversion
+from lightning_modules.style_diffusion import StyleDiffusionModule
 from tests.helpers import compose_cfg
 from utils.errors import ConfigError
 
@@ -72,7 +73,7 @@ def fitted(tiny_dir, encoder_dir, image_dir, tmp_path_factory):
     torch.manual_seed(0)
     module = make_module(tiny_dir, encoder_dir)
     data = prepared_data(module, image_dir, tmp_path_factory.mktemp("cache"))
-    optimizer, _ = module._optimizer()
+    optimizer = module.fitter.optimizer
     names = {id(p): n for n, p in module.named_parameters()}
     with_grad: set[str] = set()
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: with_grad.update(
@@ -199,9 +200,9 @@ def test_warm_start_and_early_stop(tiny_dir, encoder_dir, image_dir, tmp_path):
     assert always.iterations == [1, 1, 1]
     for a, b in zip(starts[1], starts[2]):
         assert not torch.equal(a, b)  # M_1 was trained before M_2 started from it
-    module.early_stop, module.early_stop_growth = 0.0, 1e9
+    module.settings.early_stop, module.settings.early_stop_growth = 0.0, 1e9
     assert module.fit_image(data.images[0], PROMPT, data.trajectories[0]).iterations == [3, 1, 1]
-    assert module.step_threshold(2) == 2e9
+    assert module.settings.step_threshold(2) == 2e9
 
 
 # ----- replay, editing, artifacts ---------------------------------------------------------------
@@ -236,7 +237,7 @@ def test_edit_uses_mapped_values_before_tau_v_and_installs_p2plus(fitted, monkey
 def test_sdedit_after_the_inversion_follows_the_replay_until_its_start(fitted, monkeypatch):
     """StyleDiffusion + SDEdit: no prompt-to-prompt controller; the target row equals the source's
     replay after every step before round((1 - s) T) and takes its own course from there."""
-    import lightning_modules.style_diffusion as style_module
+    import diffusion.style_editing as style_module
 
     module, _, inversion, _ = fitted
     backbone, hub = module.backbone, module.attention_hub()

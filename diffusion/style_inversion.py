@@ -1,0 +1,292 @@
+"""StyleDiffusion (paper 003): real-image inversion into the value input of cross-attention (Algorithm 1).
+
+Per image x with source prompt p (embedding c), a DDIM inversion at guidance 1 gives the trajectory
+z*_0 .. z*_T and the 16x16 cross maps a*_t (`diffusion.inversion.invert_image`). Algorithm 1 then fits one
+mapping network M_t per sampling step (diffusion/mapping.py) on the frozen CLIP image tokens E(x)
+(diffusion/image_encoder.py): for sampling step i = 0..T-1 (t = T -> 1), starting from z~_T = z*_T,
+
+  1. warm start: M_i <- M_{i-1};
+  2. K_i inner Adam iterations on L = L_rec + L_att (eq. 8):
+       L_rec = MSE(DDIM step (eq. 6) of the w = 7.5 guided prediction from z~_t, z*_{t-1})  (eq. 5)
+       L_att = MSE(16x16 cross maps of that UNet call, the trajectory's maps)            (eq. 7)
+     stopping early once the loss is below early_stop + i * early_stop_growth (the authors' code);
+  3. z~_{t-1} <- the guided DDIM step with the trained M_i.
+
+The mapped embedding M_i(E(x)) is the VALUE input of every cross-attention layer of the conditional
+branch (the hub processor's `value_hidden_states`); keys keep c, and the unconditional branch reads
+the plain "" embedding for both keys and values.
+
+Inner iterations. The paper writes K_t = e^{-t} K with K = 100 "the starting number of inner
+iterations", t = T .. 1. Taken literally (t = 30 first) the first steps would get e^{-30} K ~ 0
+iterations, contradicting "starting number"; it is read with t counted from the first sampling step
+(t = i = 0 at t = T), so K_0 = K: `inner.schedule="paper"`: K_i = ceil(K e^{-i}) (100, 37, 14, 5, 2,
+1, 1, ...). The authors' code decays slower, `inner.schedule="code"`: K_i = ceil(K e^{-0.1 i}).
+Both give at least one iteration per step.
+
+Optimiser. `adam.preset="paper"` (Sec. 4.1): lr 1e-4, betas (0, 0.999), constant; `"code"`:
+lr 1e-2 (1 - i / 100) at step i, torch's default betas (0.9, 0.999). `lr`, `betas`, `lr_decay`
+override a preset. One torch Adam holds a parameter group per M_i (lr set per step); only M_i has
+gradients at step i, so the other groups are untouched and each M_i's moments start fresh.
+
+`StyleDiffusionFitter` runs it on one image at a time with its own Adam; a training loop hands it its
+optimizer and backward instead (lightning_modules/style_diffusion.py). Each image starts from freshly
+drawn N(0, 0.01) weights. The result, a `StyleInversion`, is replayed and edited by
+diffusion/style_editing.py and written / read by `save_inversion` / `load_inversion`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from diffusion.attention import AttentionHub, AttentionStore
+from diffusion.backbone import Backbone, Conditioning
+from diffusion.image_encoder import ImageEncoder
+from diffusion.inversion import Trajectory, step_maps
+from diffusion.mapping import MappingNetworks
+from diffusion.sampling import DDIMSchedule, guided_epsilon
+from utils.errors import ArtifactError, ConfigError
+from utils.io import write_json, write_safetensors
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "mapping_networks.safetensors"
+INFO_FILE = "style_diffusion.json"
+INNER_RATES = {"paper": 1.0, "code": 0.1}  # K_i = ceil(K exp(-rate i))
+ADAM_PRESETS = {"paper": {"lr": 1e-4, "betas": (0.0, 0.999), "lr_decay": 0.0},    # Sec. 4.1
+                "code": {"lr": 1e-2, "betas": (0.9, 0.999), "lr_decay": 1e-2}}    # lr 1e-2 (1 - i/100)
+
+
+def inner_iterations(i: int, K: int = 100, schedule: str = "paper") -> int:
+    """K_i of sampling step i (0 = the noisiest): ceil(K exp(-rate i)), rate 1 (paper) or 0.1 (code)."""
+    if schedule not in INNER_RATES:
+        raise ConfigError(f"module.inner.schedule={schedule!r} is unknown; use one of {sorted(INNER_RATES)}")
+    return max(1, math.ceil(K * math.exp(-INNER_RATES[schedule] * i)))
+
+
+def adam_settings(preset: str = "paper", lr: float | None = None, betas: Sequence[float] | None = None,
+                  lr_decay: float | None = None) -> dict:
+    """{lr, betas, lr_decay} of a preset (paper | code) with explicit values overriding it."""
+    if preset not in ADAM_PRESETS:
+        raise ConfigError(f"module.adam.preset={preset!r} is unknown; use one of {sorted(ADAM_PRESETS)}")
+    out = dict(ADAM_PRESETS[preset])
+    for key, value in (("lr", lr), ("betas", betas), ("lr_decay", lr_decay)):
+        if value is not None:
+            out[key] = tuple(float(b) for b in value) if key == "betas" else float(value)
+    return out
+
+
+@dataclass
+class FitSettings:
+    """What Algorithm 1 reads besides the image: T, w, the inner-iteration schedule, Adam, early stop, loss weight.
+
+    `inner` and `adam` take the config's form ({K, schedule}; {preset, lr, betas, lr_decay}) and hold the
+    resolved values after construction; a bad schedule or preset stops here, before any model is loaded.
+    """
+
+    num_steps: int = 30
+    guidance_scale: float = 7.5
+    inner: dict = field(default_factory=dict)
+    adam: dict = field(default_factory=dict)
+    early_stop: float = 1e-5
+    early_stop_growth: float = 2e-5
+    attention_weight: float = 1.0
+    map_blocks: tuple[str, ...] = ("down", "up")  # the UNet blocks whose 16x16 maps L_att compares (the trajectory's)
+
+    def __post_init__(self):
+        self.num_steps, self.guidance_scale = int(self.num_steps), float(self.guidance_scale)
+        self.inner = {"K": 100, "schedule": "paper", **dict(self.inner or {})}
+        self.inner_iterations(0)  # check the schedule's name now
+        self.adam = adam_settings(**{"preset": "paper", **dict(self.adam or {})})
+        self.early_stop, self.early_stop_growth = float(self.early_stop), float(self.early_stop_growth)
+        self.attention_weight = float(self.attention_weight)
+        self.map_blocks = tuple(self.map_blocks)
+
+    def inner_iterations(self, i: int) -> int:
+        return inner_iterations(i, self.inner["K"], self.inner["schedule"])
+
+    def step_lr(self, i: int) -> float:
+        return self.adam["lr"] * (1 - i * self.adam["lr_decay"])
+
+    def step_threshold(self, i: int) -> float:
+        return self.early_stop + i * self.early_stop_growth
+
+
+# ----- value injection -----------------------------------------------------------------------------
+def value_rows(uncond: Conditioning, cond_values: torch.Tensor, guided: bool) -> torch.Tensor:
+    """The processor's value input for a batch: [uncond's "" embedding; cond_values] under CFG."""
+    if not guided:
+        return cond_values
+    u = uncond.expand(cond_values.shape[0]).hidden_states
+    return torch.cat([u.to(cond_values.dtype), cond_values])
+
+
+def mapped_epsilon(backbone: Backbone, hub: AttentionHub, latents: torch.Tensor, t: torch.Tensor,
+                   cond: Conditioning, uncond: Conditioning, values: torch.Tensor,
+                   guidance_scale: float) -> torch.Tensor:
+    """Guided epsilon whose conditional branch reads `values` as the cross-attention value input."""
+    guided = guidance_scale != 1.0
+    kwargs = {"value_hidden_states": value_rows(uncond, values, guided)}
+    return guided_epsilon(backbone, latents, t, cond, uncond, guidance_scale, hub, kwargs)
+
+
+@dataclass
+class StyleInversion:
+    """One image's inversion: what replay and editing need."""
+
+    prompt: str
+    features: torch.Tensor  # E(x) [1, tokens, dim]
+    latent_T: torch.Tensor  # z*_T [1, C, h, w]
+    mappings: MappingNetworks
+    guidance_scale: float = 7.5
+    name: str = "image"
+    iterations: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.mappings)
+
+    @torch.no_grad()
+    def values(self, cond: Conditioning) -> list[torch.Tensor]:
+        """M_i(E(x)) of every step (FiLM variants read the source embedding `cond`), on the networks' device."""
+        features = self.features.to(next(self.mappings.parameters()).device)
+        return [net(features, cond.hidden_states) for net in self.mappings.nets]
+
+
+# ----- Algorithm 1 ----------------------------------------------------------------------------------
+class StyleDiffusionFitter:
+    """Algorithm 1 on one image at a time, around a frozen backbone and image encoder; trains `mappings`.
+
+    `fit` steps its own Adam (created on first use) unless given an optimizer and a backward function (a
+    training loop's); either way each image starts from fresh weights and fresh Adam moments.
+    """
+
+    def __init__(self, backbone: Backbone, encoder: ImageEncoder, mappings: MappingNetworks, settings: FitSettings):
+        self.backbone, self.encoder, self.mappings, self.settings = backbone, encoder, mappings, settings
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def create(cls, backbone: Backbone, encoder: ImageEncoder, settings: FitSettings,
+               **mapping) -> "StyleDiffusionFitter":
+        """A fitter with T mapping networks sized for the encoder's tokens and the UNet's width (`mapping`:
+        MappingNetwork's film, negative_slope, init_std), on the backbone's device."""
+        width = backbone.unet.config.cross_attention_dim
+        mappings = MappingNetworks(
+            settings.num_steps, tokens_in=encoder.num_tokens, tokens_out=backbone.tokenizers[0].model_max_length,
+            feature_dim=encoder.hidden_size, out_dim=width, **mapping).to(backbone.device)
+        log.info("StyleDiffusion: %d mapping networks, E(x) %d x %d -> values 77 x %d%s", settings.num_steps,
+                 encoder.num_tokens, encoder.hidden_size, width,
+                 "" if width == encoder.hidden_size else " (with a width projection)")
+        return cls(backbone, encoder, mappings, settings)
+
+    def new_optimizer(self) -> torch.optim.Adam:
+        """One Adam, a parameter group per M_i (its lr is set when step i is trained)."""
+        lr = self.settings.adam["lr"]
+        groups = [{"params": list(net.parameters()), "lr": lr} for net in self.mappings.nets]
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(self.settings.adam["betas"]))
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The fitter's own Adam, for callers without a training loop."""
+        if self._optimizer is None:
+            self._optimizer = self.new_optimizer()
+        return self._optimizer
+
+    def fit(self, hub: AttentionHub, pixels: torch.Tensor, prompt: str, trajectory: Trajectory, name: str = "image",
+            generator: torch.Generator | None = None, optimizer: torch.optim.Optimizer | None = None,
+            backward: Callable[[torch.Tensor], None] | None = None) -> StyleInversion:
+        """Algorithm 1 on one image ([1, 3, H, W] or [3, H, W] in [-1, 1]) and its trajectory, driving the
+        UNet through `hub`; M_t start from weights drawn with `generator`."""
+        backbone, s, n = self.backbone, self.settings, self.settings.num_steps
+        if trajectory.num_steps != n:
+            raise ConfigError(f"the trajectory has {trajectory.num_steps} steps, module.num_steps is "
+                              f"{n}; invert with data.num_steps={n}")
+        optimizer = self.optimizer if optimizer is None else optimizer
+        backward = backward or (lambda loss: loss.backward())
+        pixels = pixels[None] if pixels.ndim == 3 else pixels
+        device = backbone.device
+        features = self.encoder(pixels.to(device))
+        cond, uncond = backbone.encode_prompt([prompt]), backbone.encode_prompt([""])
+        latents, maps = trajectory.latents.to(device), trajectory.maps.to(device)
+        resolution = maps.shape[1]
+        schedule = DDIMSchedule(backbone.scheduler.config, n)
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # a training loop may wrap it
+        self.mappings.reset_parameters(generator)
+        for p in self.mappings.parameters():
+            torch_optimizer.state.pop(p, None)  # fresh Adam moments for a new image
+        store = AttentionStore(cross=True, blocks=s.map_blocks, resolutions=[resolution], cond_only=True,
+                               with_grad=True)
+        x = latents[n][None].to(backbone.dtype)
+        iterations, losses = [], []
+        for i in range(n):
+            t = schedule.timesteps[i].to(device)
+            a_from, a_to = schedule.alpha(i), schedule.alpha(i + 1)
+            target, target_map = latents[n - 1 - i][None].float(), Trajectory(latents, maps).step_map(i)
+            self.mappings.warm_start(i)
+            net = self.mappings[i]
+            torch_optimizer.param_groups[i]["lr"] = s.step_lr(i)
+            threshold, done, loss_value = s.step_threshold(i), 0, float("nan")
+            with torch.enable_grad():
+                for _ in range(s.inner_iterations(i)):
+                    store.reset()
+                    values = net(features, cond.hidden_states)
+                    with hub.using(store), hub.sampling_state(step=i, num_steps=n, cfg=False):
+                        eps = mapped_epsilon(backbone, hub, x, t, cond, uncond, values, s.guidance_scale)
+                    rec = F.mse_loss(schedule.step(x, eps, a_from, a_to), target)  # eq. (5)
+                    att = F.mse_loss(step_maps(store, resolution)[0].float(), target_map[None].float())  # eq. (7)
+                    loss = rec + s.attention_weight * att  # eq. (8)
+                    optimizer.zero_grad(set_to_none=True)
+                    backward(loss)
+                    optimizer.step()
+                    loss_value, done = loss.item(), done + 1
+                    if loss_value < threshold:
+                        break
+            store.reset()
+            iterations.append(done)
+            losses.append(loss_value)
+            with torch.no_grad(), hub.sampling_state(step=i, num_steps=n, cfg=False):
+                eps = mapped_epsilon(backbone, hub, x, t, cond, uncond, net(features, cond.hidden_states),
+                                     s.guidance_scale)
+                x = schedule.step(x, eps, a_from, a_to).to(backbone.dtype)
+        optimizer.zero_grad(set_to_none=True)
+        return StyleInversion(prompt, features.detach().cpu(), latents[n][None].cpu(), self.mappings,
+                              s.guidance_scale, name, iterations, losses)
+
+
+# ----- artifacts -----------------------------------------------------------------------------------
+def save_inversion(folder: str | Path, inversion: StyleInversion, extra: dict | None = None) -> list[Path]:
+    """mapping_networks.safetensors (M_t weights, E(x), z*_T) and style_diffusion.json (settings)."""
+    folder = Path(folder)
+    tensors = {f"mappings.{k}": v for k, v in inversion.mappings.state_dict().items()}
+    tensors.update(features=inversion.features, latent_T=inversion.latent_T)
+    weights, info = folder / WEIGHTS_FILE, folder / INFO_FILE
+    write_safetensors(weights, tensors, metadata={"method": "style_diffusion", "prompt": inversion.prompt})
+    write_json(info, {"method": "style_diffusion", "image": inversion.name, "prompt": inversion.prompt,
+                      "num_steps": inversion.num_steps, "guidance_scale": inversion.guidance_scale,
+                      "mapping": inversion.mappings.settings, "iterations": inversion.iterations,
+                      "losses": inversion.losses, "file": WEIGHTS_FILE, **(extra or {})})
+    return [weights, info]
+
+
+def load_inversion(folder: str | Path) -> StyleInversion:
+    """A StyleInversion written by `save_inversion`."""
+    folder = Path(folder)
+    info_path, weights = folder / INFO_FILE, folder / WEIGHTS_FILE
+    if not info_path.is_file() or not weights.is_file():
+        raise ArtifactError(f"{folder} lacks {INFO_FILE} or {WEIGHTS_FILE}; give a folder StyleDiffusion exported")
+    info = json.loads(info_path.read_text())
+    tensors = load_file(str(weights))
+    mappings = MappingNetworks(int(info["num_steps"]), **info["mapping"])
+    mappings.load_state_dict({k[len("mappings."):]: v for k, v in tensors.items() if k.startswith("mappings.")})
+    return StyleInversion(info["prompt"], tensors["features"], tensors["latent_T"], mappings,
+                          float(info["guidance_scale"]), info.get("image", "image"), info.get("iterations", []),
+                          info.get("losses", []))

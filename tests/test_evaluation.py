@@ -265,3 +265,23 @@ def test_training_refuses_an_evaluation_it_cannot_run_before_training(tiny_dir, 
                      tmp_path, capsys)
     assert message in line
     assert not list((tmp_path / "out").rglob("*.ckpt"))
+
+
+def test_a_run_folder_moved_elsewhere_still_evaluates(tmp_path):
+    """Artifacts name their backbone portably: a run folder moved to another directory evaluates as it is."""
+    import shutil
+
+    trained = tmp_path / "trained"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "train.py", "trainer=cpu", "logger=csv", "trainer.max_steps=3",
+                           "callbacks.sample_grid=null", f"hydra.run.dir={trained}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = Path(shutil.move(str(trained), str(tmp_path / "elsewhere" / "run")))
+    info = json.loads((moved / "learned_embeds.json").read_text())
+    assert info["backbone"] == "shapes" and info["backbone_model"] == "shapes"
+    assert not any(str(tmp_path) in str(v) or str(ROOT) in str(v) for v in info.values())
+    out = tmp_path / "eval"
+    run_evaluate(f"artifact={moved}", "metrics=shapes_concept", *FAST, f"hydra.run.dir={out}")
+    samples = json.loads((out / "samples.json").read_text())
+    assert samples["artifact"] == [str(moved / "learned_embeds.safetensors")] and len(samples["samples"]) == 4

@@ -48,10 +48,6 @@ def train(cfg: DictConfig) -> float | None:
     from hydra.utils import instantiate
 
     check_run_settings(cfg)
-    metric = cfg.get("optimized_metric")
-    if metric and str(metric).startswith("eval/") and not cfg.callbacks.get("evaluation"):
-        raise ConfigError(f"optimized_metric={metric} comes from the evaluation callback, which this run does not "
-                          f"have; add callbacks=eval and a metric set, e.g. metrics=shapes_concept")
     refuse_to_overwrite(cfg.paths.output_dir, resuming=cfg.get("ckpt_path") is not None,
                         artifacts=tuple(cfg.run_dir_taken_by), can_resume=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)

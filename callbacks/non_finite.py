@@ -48,7 +48,7 @@ class NonFiniteGuard(L.Callback):
         check_whole(f"{KEY}.max_consecutive_skips", max_consecutive_skips, 0)
         self.every_n_steps, self.mode, self.max_consecutive_skips = every_n_steps, mode, max_consecutive_skips
         self.first_bad: torch.Tensor | None = None  # stop: the first step whose loss or gradients were not finite
-        self.loss_finite = True    # skip: this step's loss
+        self.loss_finite: torch.Tensor | None = None  # skip: this step's loss is finite (on the device)
         self.skipped = 0           # skip: steps skipped so far
         self.consecutive: list[int] = []  # skip: the steps skipped since the last good one
 
@@ -59,7 +59,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if self.mode == "skip":
-            self.loss_finite = bool(torch.isfinite(loss.detach()).all())
+            self.loss_finite = torch.isfinite(loss.detach()).all()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -69,7 +69,9 @@ class NonFiniteGuard(L.Callback):
             if finite is not None:
                 self._flag(~finite, step)
             return
-        bad = not self.loss_finite or (finite is not None and not bool(finite))
+        checks = [c for c in (self.loss_finite, finite) if c is not None]
+        bad = bool(checks) and not bool(torch.stack(checks).all())  # the step's one read of the device
+        self.loss_finite = None
         strategy = getattr(trainer, "strategy", None)
         if strategy is not None:
             bad = strategy.reduce_boolean_decision(bad, all=False)  # one rank's bad step is skipped by every rank
@@ -78,7 +80,6 @@ class NonFiniteGuard(L.Callback):
             return
         for p in params:
             p.grad = None  # the optimizer skips parameters without a gradient: no update, moments kept
-        self.loss_finite = True
         self.skipped += 1
         self.consecutive.append(step)
         log.warning("step %d: the loss or a gradient is NaN or infinite; its update is skipped (%d skipped in all, "

@@ -146,5 +146,14 @@ def check_run_settings(cfg: DictConfig) -> None:
     check_counts(cfg)
     check_learning_rates(cfg)
     check_device(cfg)
+    check_optimized_metric(cfg)
     if cfg.get("ckpt_path"):
         check_checkpoint(cfg.ckpt_path, {"method": cfg.method_name, "model": cfg.model.name})
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """An eval/... metric for a sweeper needs the evaluation callback that computes it."""
+    metric = cfg.get("optimized_metric")
+    if metric and str(metric).startswith("eval/") and not (cfg.get("callbacks") or {}).get("evaluation"):
+        raise ConfigError(f"optimized_metric={metric} comes from the evaluation callback, which this run does not "
+                          f"have; add callbacks=eval and a metric set, e.g. metrics=shapes_concept")

@@ -15,11 +15,9 @@ import copy
 import random
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import COLOURS, Scene, SceneSampler, contrasting_backgrounds
+from utils.images import to_pil
 from utils.io import atomic_dir, write_json
 
 
@@ -46,8 +44,7 @@ def write_captioned_set(out_dir: str | Path, count: int = 3, resolution: int = 6
         for i, (scene, edited) in enumerate(captioned_scenes(count, seed)):
             image, _ = render_scene(scene, resolution)
             stem = f"{i:02d}"
-            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(pixels).save(staging / f"{stem}.png")
+            to_pil(image).save(staging / f"{stem}.png")
             prompts[stem], edits[stem] = scene.caption(), edited.caption()
         write_json(staging / "prompts.json", prompts)
         write_json(staging / "edits.json", edits)

@@ -14,12 +14,10 @@ import argparse
 import random
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from datamodules.image_set import save_mask
 from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import CONCEPTS, Scene, concept_scene, contrasting_backgrounds
+from utils.images import to_pil
 from utils.io import atomic_dir, write_json
 
 REFERENCE_RENDERS = 5  # "a reference set of 4-5 renders" per concept
@@ -51,8 +49,7 @@ def write_reference_set(name: str, out_dir: str | Path, resolution: int = 64, se
         for i, scene in enumerate(reference_scenes(name, seed=seed)):
             image, masks = render_scene(scene, resolution)
             stem = f"{i:02d}"
-            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(pixels).save(staging / "images" / f"{stem}.png")
+            to_pil(image).save(staging / "images" / f"{stem}.png")
             save_mask(masks[0], staging / "masks" / f"{stem}.png")
             captions[stem] = reference_caption(scene)
         write_json(staging / "images" / "captions.json", captions)

@@ -15,12 +15,10 @@ import argparse
 import random
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from datamodules.image_set import save_mask
 from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import Scene, SceneSampler
+from utils.images import to_pil
 from utils.io import atomic_dir, write_json
 
 
@@ -46,8 +44,7 @@ def write_scene_set(out_dir: str | Path, count: int = 10, resolution: int = 64, 
         for i, scene in enumerate(two_object_scenes(count, seed)):
             image, masks = render_scene(scene, resolution)
             stem = f"{i:02d}"
-            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(pixels).save(staging / f"{stem}.png")
+            to_pil(image).save(staging / f"{stem}.png")
             tokens = [f"<s{stem}_c0>", f"<s{stem}_c1>", f"<s{stem}_bg>"]
             background = 1 - masks.sum(0).clamp(max=1)
             for suffix, mask in zip(("c0", "c1", "bg"), (masks[0], masks[1], background)):

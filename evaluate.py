@@ -1,4 +1,4 @@
-"""Generate with a trained artifact and score it: `python evaluate.py artifact=<run>/learned_embeds.safetensors`.
+"""Generate with a trained artifact and score it: `python evaluate.py artifact=<run>` (a run folder, or a file in it).
 
 Loads the backbone, adds the artifact(s), renders every prompt x seed (x swept value) with DDIM + CFG,
 scores the samples with the chosen metrics (conf/metrics/) and writes, in the run folder:
@@ -6,17 +6,20 @@ images/*.png, grid.png (+ grid.json legend), samples.json, metrics.json and metr
 swept value). Under -m every job also adds its rows to <sweep dir>/table.csv, so several artifacts
 or settings compare side by side. devices=N splits the work over N processes (GPUs).
 
-Slider artifacts (prompt_slider / concept_slider runs, marked by their slider.json) are appended to
-every prompt instead of filling '{}'; `strength` sets their strength (one number, or one per
-artifact to compose several), and `sweep={strength: [...]}` sweeps it.
-
-A residuals run (marked by its residuals.json) fills '{}' with "V* <class>" and adds its residuals;
-`strength` scales them, `lag=true` samples with LAG, and both can be swept (`sweep={lag: [false, true]}`).
+Every training method's run loads through diffusion.artifacts, which knows it by its info file:
+- a textual inversion (learned_embeds.json, or a bare .safetensors) fills '{}' with its token;
+- sliders (prompt / visual / concept_slider runs, slider.json) are appended to every prompt instead;
+  `strength` sets their strength (one number, or one per artifact to compose several), and
+  `sweep={strength: [...]}` sweeps it;
+- a residuals run (residuals.json) fills '{}' with "V* <class>" and adds its residuals; `strength` scales
+  them, `lag=true` samples with LAG, and both can be swept (`sweep={lag: [false, true]}`);
+- an EM run (em_mask, concepts.json) adds every concept token and its joint-stage weights (the UNet or a
+  LoRA); prompts name the tokens ("a <s00_c0> left of a <s00_c1>"), and `token=s00_c0` (brackets optional)
+  picks the one that fills '{}'.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -33,7 +36,6 @@ from utils.task import hydra_entry, refuse_to_overwrite, task  # noqa: E402
 
 log = logging.getLogger("evaluate")
 register_resolvers()
-ARTIFACT_FILE = "learned_embeds.safetensors"
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -53,41 +55,16 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
-def artifact_files(artifact) -> list[tuple[Path, dict | None]]:
-    """Each artifact's file (the path itself, or the artifact in a run folder) and its slider.json or
-    residuals.json (None for a textual-inversion artifact). At most one artifact may fill '{}' (a textual
-    inversion or a residuals run)."""
-    from diffusion.residuals import read_residual_info
-    from diffusion.sliders import read_slider_info
-    from utils.errors import ArtifactError, ConfigError
-    from utils.io import check_safetensors
+def artifact_infos(artifact) -> list:
+    """Each artifact (a run folder or a file in it) read and checked, before any model loads."""
+    from diffusion.artifacts import read_artifact
 
     paths = [] if not artifact else [artifact] if isinstance(artifact, str) else list(artifact)
-    out = []
-    for path in paths:
-        p = Path(str(path)).expanduser()
-        info = (read_slider_info(p) or read_residual_info(p)) if p.exists() else None
-        if p.is_dir():
-            p = p / (info["file"] if info else ARTIFACT_FILE)
-        if not p.is_file():
-            raise ArtifactError(f"artifact={path} does not exist; give a run's {ARTIFACT_FILE} (or its run folder)")
-        extra = [p.parent / info["embeddings"]] if info and info.get("method") == "residuals" else []
-        for file in (p, *extra):  # a corrupt file stops here, before the model loads
-            check_safetensors(file, "artifact")
-        out.append((p, info))
-    if sum(fills_token(info) for _, info in out) > 1:
-        raise ConfigError("several artifacts fill one '{}' (textual inversions, residuals runs); give at most one "
-                          "(sliders may be many)")
-    return out
+    return [read_artifact(path) for path in paths]
 
 
-def fills_token(info: dict | None) -> bool:
-    """Whether an artifact stands for the '{}' of the prompts (a textual inversion or a residuals run)."""
-    return info is None or info.get("method") == "residuals"
-
-
-def slider_strength(cfg: DictConfig, setting: dict):
-    """The sliders' strength for a render: the swept value, else cfg.strength (a number or one per slider)."""
+def strength_setting(cfg: DictConfig, setting: dict):
+    """The artifacts' strength for a render: the swept value, else cfg.strength (a number or one per slider)."""
     value = setting.get("strength", cfg.strength)
     return list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else value
 
@@ -97,42 +74,28 @@ def prepare(cfg: DictConfig):
     the metric set (backbone paths), the sweep, the references, the prompts and the artifact."""
     from datamodules.image_set import load_reference_set
     from datamodules.prompts import fill_template
+    from diffusion.artifacts import accepted_settings, check_settings
     from metrics.evaluation import GENERATION_KEYS, Sweep, available_fields, check_texts
     from metrics.suite import MetricSuite
     from utils.errors import ConfigError
 
     suite = MetricSuite({k: hydra.utils.instantiate(v) for k, v in (cfg.metrics or {}).items() if v is not None})
     sweep = Sweep.from_config(cfg.sweep)
-    artifacts = artifact_files(cfg.artifact)
-    residuals = any(info and info.get("method") == "residuals" for _, info in artifacts)
-    settings = GENERATION_KEYS + (("strength",) if any(info for _, info in artifacts) else ()) + (
-        ("lag",) if residuals else ())
+    artifacts = artifact_infos(cfg.artifact)
+    settings = GENERATION_KEYS + accepted_settings(artifacts)
     if sweep.name and sweep.name not in settings:
         raise ConfigError(f"sweep.{sweep.name} is not a sampling setting here; sweep one of {', '.join(settings)} "
                           f"(strength needs a slider or residuals artifact, lag a residuals artifact)")
-    if cfg.lag and not residuals:
-        raise ConfigError("lag=true but no artifact is a residuals run; give a method=residuals run")
-    sliders = sum(not fills_token(info) for _, info in artifacts)
-    strength = cfg.strength
-    if strength is not None and not sliders and not residuals:
-        raise ConfigError("strength is set but no artifact is a slider or residuals run; give a prompt_slider, "
-                          "concept_slider or residuals run")
-    if strength is not None and residuals and OmegaConf.is_list(strength):
-        raise ConfigError("strength of a residuals run is one number; a list is for composing sliders")
-    if OmegaConf.is_list(strength) and len(strength) != sliders:
-        raise ConfigError(f"strength has {len(strength)} values for {sliders} sliders; give one per slider artifact")
+    check_settings(artifacts, strength_setting(cfg, {}), bool(cfg.lag))
     references = masks = None
     if cfg.references:
         references, masks = load_reference_set(cfg.references, cfg.reference_masks, resolution=cfg.model.resolution)
     fields = available_fields(suite, references, masks, cfg.pairs, sweep)
     suite.check(fields)
     templates = read_prompts(cfg)
-    if any(fills_token(info) for _, info in artifacts):
-        key = f"prompts_file={cfg.prompts_file}" if cfg.prompts_file else "prompts"
-        for template in templates:
-            if "{}" not in template:
-                raise ConfigError(f"{key}: prompt {template!r} has no '{{}}' where the artifact's token goes; write "
-                                  f"'{{}}' in every prompt (e.g. 'a photo of a {{}}')")
+    key = f"prompts_file={cfg.prompts_file}" if cfg.prompts_file else "prompts"
+    for info in artifacts:
+        info.kind.check_prompts(info.info, templates, key, cfg.token)
     texts = [fill_template(t, cfg.class_word) for t in templates]  # what CLIP-T and the probes read
     check_texts(suite, texts, cfg.model.name)
     return suite, sweep, references, masks, fields, templates, texts, artifacts
@@ -142,12 +105,9 @@ def run(cfg: DictConfig, fabric) -> dict:
     """One process's share: every rank renders and scores its jobs; rank 0 writes the files."""
     import torch
 
-    from datamodules.prompts import fill_template
+    from diffusion.artifacts import ArtifactSet, load_artifact
     from diffusion.backbone import load_backbone
-    from diffusion.residuals import load_residuals
     from diffusion.sampling import generate
-    from diffusion.sliders import SliderSet, load_slider
-    from diffusion.tokens import load_embeddings
     from metrics.evaluation import gather_images, plan, render_jobs, sample_grid, score, shard, source_images
     from utils.images import save_png
     from utils.io import write_json
@@ -157,35 +117,21 @@ def run(cfg: DictConfig, fabric) -> dict:
     suite, sweep, references, masks, fields, templates, texts, artifacts = prepare(cfg)
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     backbone = load_backbone(**{k: v for k, v in cfg.model.items() if k != "dtype"}, dtype=dtype).to(device)
-    token, sliders, residual = None, SliderSet(), None
-    for path, info in artifacts:
-        if info is None:
-            token = " ".join(load_embeddings(backbone, path, token=cfg.token))
-            log.info("loaded %s from %s", token, path)
-        elif info["method"] == "residuals":
-            residual, token = load_residuals(backbone, path)
-            log.info("loaded residuals on %s (%d parameters) for %s from %s", info["targets"], info["parameters"],
-                     token, path.parent)
-        else:
-            sliders.sliders.append(load_slider(backbone, path))
-            log.info("loaded %s slider %s from %s", info["method"], info.get("slider", ""), path)
-    prompts = [sliders.prompt(fill_template(t, token or cfg.class_word)) for t in templates]
+    loaded = ArtifactSet([load_artifact(backbone, info, token=cfg.token) for info in artifacts])
+    for artifact in loaded.artifacts:
+        log.info("loaded %s", artifact)
+    prompts = [loaded.fill(t, cfg.class_word) for t in templates]
     generation = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
                   "negative_prompt": cfg.negative_prompt}
+    encode = loaded.encoder(backbone)
 
     def render(batch_prompts: list[str], seeds: list[int], setting: dict) -> torch.Tensor:
         setting = dict(setting)
-        strength = slider_strength(cfg, setting)
+        strength = strength_setting(cfg, setting)
         setting.pop("strength", None)
         lag = bool(setting.pop("lag", cfg.lag))
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(sliders.strengths(strength if sliders.sliders else None))
-            hub = None
-            if residual is not None:
-                hub = stack.enter_context(residual.applied(batch_prompts, lag=lag,
-                                                           strength=1.0 if strength is None else float(strength)))
-            return generate(backbone, batch_prompts, seed=seeds, encode=sliders.encoder(backbone), hub=hub,
-                            **{**generation, **setting})
+        with loaded.applied(batch_prompts, strength=strength, lag=lag) as hub:
+            return generate(backbone, batch_prompts, seed=seeds, encode=encode, hub=hub, **{**generation, **setting})
 
     jobs = plan(prompts, texts, cfg.seeds, sweep)
     mine = shard(jobs, fabric.global_rank, fabric.world_size)
@@ -209,7 +155,7 @@ def run(cfg: DictConfig, fabric) -> dict:
     grid, legend = sample_grid(images, sweep)
     save_png(grid, out / "grid.png")
     write_json(out / "grid.json", legend)
-    names = [str(path) for path, _ in artifacts]
+    names = [str(info.file) for info in artifacts]
     write_json(out / "samples.json", {"artifact": names, "model": cfg.model.name, "samples": records})
     summary = {"artifact": names, "model": cfg.model.name, "metrics": sorted(suite.metrics),
                "samples": len(records), "world_size": fabric.world_size, "rows": rows}

@@ -96,22 +96,14 @@ def fidelity_jobs(entries: list[dict]) -> list[tuple[str, "object", str]]:
 
 
 def fidelity(run: Path, device: str, num_steps: int, entries: list[dict]) -> dict:
+    from diffusion.artifacts import load_artifact
     from diffusion.backbone import load_backbone
     from diffusion.sampling import generate
-    from diffusion.tokens import load_embeddings
     from metrics.shapes_probes import default_probe, score_readings
 
     backbone = load_backbone(str(ROOT / "models" / "shapes"), dtype="bfloat16" if device == "cuda" else None)
-    info = json.loads((run / "concepts.json").read_text())
-    if info.get("weights") == "unet":
-        from diffusers import UNet2DConditionModel
-        backbone.unet.load_state_dict(UNet2DConditionModel.from_pretrained(run / "unet").state_dict())
-    elif info.get("weights"):
-        from diffusion.lora import load_lora
-        load_lora(backbone.unet, run / info["weights"], adapter_name="em_joint")
+    load_artifact(backbone, run)  # every concept token and the joint stage's weights; prompts name the tokens
     backbone.to(device)
-    for token, file in info["tokens"].items():
-        load_embeddings(backbone, run / file, token)
     jobs = [(p, scene, kind, s) for p, scene, kind in fidelity_jobs(entries) for s in SEEDS]
     start = time.time()
     images = []

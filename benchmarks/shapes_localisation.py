@@ -10,6 +10,11 @@ latent cell by the exact mask's coverage; for the background colour word, its me
 over its mean on the objects. One number per resolution of the down and up layers (16x16, 8x8). A badge
 named part by part counts its outer shape and outer colour words; a bare "badge" counts as its shape
 word and has no colour word.
+
+A high ratio says where a word's attention mass lies, not that its map covers the region. The `*_iou`
+columns apply EM's mask rule (the map scaled to [0, 1] between its minimum and maximum, threshold 0.5;
+no DenseCRF) and report the IoU with the region (cells at least half covered): what attention-based
+masks (EM, LAG, LocalBlend) can recover from the model's own words.
 """
 
 from __future__ import annotations
@@ -54,6 +59,15 @@ def weighted_ratio(attn: torch.Tensor, inside: torch.Tensor) -> float:
     return float(((attn * inside).sum() / inside.sum()) / ((attn * (1 - inside)).sum() / (1 - inside).sum()))
 
 
+def threshold_iou(attn: torch.Tensor, cover: torch.Tensor, threshold: float = 0.5) -> float:
+    """IoU of the map's cells at or above `threshold` of its [min, max] range with the cells `cover` at least half fills."""
+    low, high = attn.min(), attn.max()
+    mask = (attn - low) / (high - low).clamp(min=1e-12) >= threshold
+    truth = cover >= 0.5
+    union = (mask | truth).sum()
+    return float((mask & truth).sum() / union) if union else 1.0
+
+
 @torch.no_grad()
 def measure(backbone, scenes: list[Scene], timesteps: int, seed: int) -> dict:
     g = torch.Generator(backbone.device).manual_seed(seed)
@@ -77,14 +91,12 @@ def measure(backbone, scenes: list[Scene], timesteps: int, seed: int) -> dict:
                 maps = store.average(resolution=res).float().mean(0).permute(2, 0, 1).cpu()  # [K, r, r]
                 cover = F.adaptive_avg_pool2d(masks[:, None].float(), res)[:, 0]  # [objects, r, r]
                 key = f"{res}x{res}"
-                for kind in ("shape", "colour"):
-                    for position, obj in words[kind]:
-                        ratios.setdefault(key, {}).setdefault(kind, []).append(weighted_ratio(maps[position],
-                                                                                                cover[obj]))
                 objects = cover.sum(0).clamp(max=1)
-                for position, _ in words["background"]:
-                    ratios.setdefault(key, {}).setdefault("background", []).append(
-                        weighted_ratio(maps[position], 1 - objects))
+                for kind in ("shape", "colour", "background"):
+                    for position, obj in words[kind]:
+                        region = 1 - objects if kind == "background" else cover[obj]
+                        ratios.setdefault(key, {}).setdefault(kind, []).append(weighted_ratio(maps[position], region))
+                        ratios[key].setdefault(f"{kind}_iou", []).append(threshold_iou(maps[position], region))
     return {res: {kind: statistics.fmean(v) for kind, v in kinds.items()} for res, kinds in ratios.items()}
 
 
@@ -108,10 +120,12 @@ def main() -> None:
     backbone = load_backbone(args.model, dtype="float32").to(args.device)
     results = measure(backbone, fresh_scenes(args.scenes, args.seed, args.parts_p), args.timesteps, args.seed)
     print(f"{args.model}: {args.scenes} scenes x {args.timesteps} timesteps")
-    print("| layers | shape word in / out | colour word in / out | background word on background / on objects |")
-    print("| --- | --- | --- | --- |")
+    print("| layers | shape word in / out | colour word in / out | background word on background / on objects "
+          "| mask IoU: shape / colour / background word |")
+    print("| --- | --- | --- | --- | --- |")
     for res, r in results.items():
-        print(f"| {res} | {r['shape']:.2f} | {r['colour']:.2f} | {r['background']:.2f} |")
+        print(f"| {res} | {r['shape']:.2f} | {r['colour']:.2f} | {r['background']:.2f} "
+              f"| {r['shape_iou']:.3f} / {r['colour_iou']:.3f} / {r['background_iou']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(results, model=args.model, scenes=args.scenes, timesteps=args.timesteps), f, indent=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from diffusion.tokens import fill_template  # noqa: F401 - its home is with the tokens; read here too
 from utils.errors import ConfigError
 
 # Textual inversion's templates (Gal et al. 2022, as in the diffusers training script).
@@ -27,11 +28,6 @@ STYLE_TEMPLATES = (
     "a weird painting in the style of {}", "a large painting in the style of {}",
 )
 NAMED = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
-
-
-def fill_template(template: str, word: str) -> str:
-    """A template's '{}' replaced by a word (a token, a class word, or nothing), spaces collapsed."""
-    return " ".join(template.replace("{}", word).split())
 
 
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:

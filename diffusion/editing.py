@@ -1,44 +1,44 @@
 """Real-image editing methods compared on the same terms (StyleDiffusion, paper 003, Sec. 4.3).
 
-Every method takes (backbone, z_0 [1, C, h, w], source prompt, target prompt, num_steps,
-guidance_scale, settings) and returns latents [2, C, h, w] = [reconstruction of the source, the edit],
-both rows sampled in one batch with the same start latent, steps and guidance:
+A method is a dataclass of its settings, checked on construction, whose call runs it; the yaml
+conf/edit_method/<name>.yaml names the class (`_target_`) and holds every setting with its source (the one place
+for defaults). edit.py builds it with Hydra (`edit_method=<name>`), Python code with `load_edit_method(name)`:
 
-- `ddim_word_swap`: DDIM inversion at guidance 1 with the source prompt, then guided sampling of
+    method(backbone, z0 [1, C, h, w], source, target, num_steps=None (the method's own), guidance_scale=7.5,
+           seed=0, pixels=None) -> latents [2, C, h, w] = [reconstruction of the source, the edit]
+
+both rows sampled in one batch with the same start latent, steps and guidance. `method.check_prompts(source,
+target)` stops prompts the method cannot edit (a replace controller's word counts, LocalBlend's words) before
+any model loads; the call checks them again. Adding a method: one class here and its yaml.
+
+- `DDIMWordSwap` (ddim_word_swap): DDIM inversion at guidance 1 with the source prompt, then guided sampling of
   [source, target] from z_N with the plain "" unconditional embedding and no attention control.
-- `sdedit`: z_0 noised to strength s with a seeded generator, then [source, target] denoised from
-  there. The start step is round((1 - s) N): s = 0 runs no step and returns z_0 itself (both rows);
-  s = 1 starts at step 0 from pure noise (no trace of z_0: the text-to-image sample of that seed);
-  in between z_s = sqrt(a) z_0 + sqrt(1 - a) eps with a = alpha_bar of the start step.
-- `null_text_p2p` / `null_text_p2plus`: null-text inversion (methods.md: N = 50, w = 7.5, up to 10
-  Adam steps per sampling step at lr 1e-2 (1 - i/100), warm start, early stop at 1e-5 + i 2e-5), then
-  [source, target] sampled with the per-step unconditional embeddings under a prompt-to-prompt
-  controller: AttentionReplace for equal word counts, else AttentionRefine, cross-attention edited for
-  steps < tau_c N and self-attention for steps < tau_s N (prompt-to-prompt's defaults 0.8 / 0.4:
-  methods.md gives no taus for this baseline). P2Plus also replaces the unconditional branch's
-  self-attention for steps < tau_u N (0.5).
-- `negative_prompt_p2p`: negative-prompt inversion (every step's unconditional embedding is the source
-  prompt's) with the same controller as `null_text_p2p`.
-- `style_diffusion`: the DDIM trajectory of z_0 (guidance 1, 16x16 cross maps), Algorithm 1
-  (`diffusion.style_inversion.StyleDiffusionFitter`) on it, then `diffusion.style_editing.edit` with P2Plus
-  and the authors' code defaults tau_v 0.6, tau_c 0.6, tau_s 0.8, tau_u 0.5. T = 30 in the paper.
-  The image encoder reads `settings.pixels` (the image in [-1, 1]) or, without them, the decoded z_0.
-- `style_diffusion_sdedit`: StyleDiffusion + SDEdit (Sec. 5.2.5): the same inversion, then the target
-  follows the source's replay until step round((1 - s) T) (s = `settings.strength`) and denoises from
-  that latent with its prompt (the same tau_v value rule), with no attention control.
+- `SDEdit` (sdedit): z_0 noised to `strength` s with generator seed `seed`, then [source, target] denoised from
+  there. The start step is round((1 - s) N): s = 0 runs no step and returns z_0 itself (both rows); s = 1 starts
+  at step 0 from pure noise (the text-to-image sample of that seed); in between
+  z_s = sqrt(a) z_0 + sqrt(1 - a) eps with a = alpha_bar of the start step.
+- `NullTextP2P` (null_text_p2p, null_text_p2plus): null-text inversion (`null_text`), then [source, target]
+  sampled with the per-step unconditional embeddings under a prompt-to-prompt controller: AttentionReplace for
+  equal word counts, else AttentionRefine, cross-attention edited for steps < tau_c N and self-attention for
+  steps < tau_s N. P2Plus (`tau_u` set) also replaces the unconditional branch's self-attention for steps < tau_u N.
+- `NegativePromptP2P` (negative_prompt_p2p): negative-prompt inversion (every step's unconditional embedding is
+  the source prompt's) with the same controller.
+- `StyleDiffusionEdit` (style_diffusion, style_diffusion_sdedit): the DDIM trajectory of z_0 (guidance 1,
+  `map_resolution` cross maps), Algorithm 1 (`diffusion.style_inversion.StyleDiffusionFitter`) on it, then
+  `diffusion.style_editing.edit` with P2Plus and the `editing` taus. With `sdedit` (StyleDiffusion + SDEdit,
+  Sec. 5.2.5) the target follows the source's replay until step round((1 - s) T) (s: `strength`) and denoises
+  from that latent with its prompt, with no attention control. The image encoder reads `pixels` (the image in
+  [-1, 1]) or, without them, the decoded z_0.
 
-LocalBlend (prompt-to-prompt): the P2P-family methods and both StyleDiffusion ones (`BLEND_METHODS`)
-take `settings.blend_words`, the source prompt's words then the target's (["cat", "dog"], or lists of
-words), and `settings.blend_threshold`; the edited row then changes only inside the union of both
-words' attention masks (diffusion.prompt_to_prompt.edit_blend; None = off).
-
-`METHODS` maps each name to its function; `DEFAULT_STEPS` gives each method's step count of the paper.
+LocalBlend (prompt-to-prompt): the P2P methods and StyleDiffusion take `blend_words`, the source prompt's words
+then the target's (["cat", "dog"], or lists of words), and `blend_threshold`; the edited row then changes only
+inside the union of both words' attention masks (diffusion.prompt_to_prompt.edit_blend; None = off).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,44 +50,53 @@ from diffusion.prompt_to_prompt import check_blend_words, edit_blend, edit_contr
 from diffusion.sampling import DDIMSchedule, ddim_invert, ddim_sample, sdedit_start
 from diffusion.style_editing import edit as style_edit
 from diffusion.style_inversion import FitSettings, StyleDiffusionFitter
-from utils.errors import ConfigError
+from utils.checks import check_whole, is_number
+from utils.errors import ConfigError, find_user_error
+
+KEY = "edit_method."  # where a setting sits in edit.py's config: its errors name it so
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "edit_method"
+CONTROLLERS = ("auto", "replace", "refine")
 
 
-@dataclass
-class EditSettings:
-    """What the methods read besides prompts, steps and guidance (each reads only its own part)."""
-
-    controller: str = "auto"  # prompt-to-prompt controller: auto (replace for equal word counts, else refine)
-    tau_c: float = 0.8        # P2P baselines: cross-attention edited for steps < tau_c N
-    tau_s: float = 0.4        # P2P baselines: self-attention replaced for steps < tau_s N
-    tau_u: float = 0.5        # P2Plus (null_text_p2plus): unconditional self-attention for steps < tau_u N
-    blend_words: list | None = None  # P2P family: LocalBlend's [source words, target words] (word or list); None: off
-    blend_threshold: float = 0.3     # LocalBlend's mask threshold (prompt-to-prompt's code)
-    strength: float = 0.5     # SDEdit: the noise level z_0 is taken to (0: none, 1: pure noise)
-    seed: int = 0             # SDEdit's noise; StyleDiffusion's mapping-network initialisation
-    null_text: dict = field(default_factory=dict)        # null_text_inversion keyword arguments
-    style_diffusion: dict = field(default_factory=dict)  # see STYLE_DEFAULTS
-    pixels: torch.Tensor | None = None   # StyleDiffusion: the image [1, 3, H, W] in [-1, 1] for E(x)
-
-    @classmethod
-    def create(cls, settings: "EditSettings | dict | None") -> "EditSettings":
-        if isinstance(settings, cls):
-            return settings
-        return cls(**dict(settings or {}))
+# ----- checks of the settings -------------------------------------------------------------------------
+def fraction(key: str, value, optional: bool = False) -> float | None:
+    """A share of the steps: a number in [0, 1] (None when `optional`)."""
+    if optional and value is None:
+        return None
+    if not (is_number(value) and 0 <= value <= 1):
+        raise ConfigError(f"{KEY}{key}={value!r} must be a number in [0, 1] (a share of the steps)")
+    return float(value)
 
 
-# the edit's own settings; Algorithm 1's (inner, adam, early_stop, ...) default to FitSettings', the mapping
-# networks' to MappingNetwork's and the taus (editing: tau_v, tau_c, tau_s, tau_u) to style_editing.edit's
-STYLE_DEFAULTS = {"image_encoder": {"path": None, "build": None}, "map_resolution": 16, "map_blocks": ("down", "up")}
-FIT_KEYS = ("inner", "adam", "early_stop", "early_stop_growth", "attention_weight")
-TAUS = ("tau_v", "tau_c", "tau_s", "tau_u")
+def check_threshold(value) -> float:
+    """LocalBlend's threshold on max-normalised maps: above 1 leaves no mask (the edit returns the reconstruction)."""
+    if not (is_number(value) and 0 <= value < float("inf")):
+        raise ConfigError(f"{KEY}blend_threshold={value!r} must be a number >= 0 (the maps are normalised to [0, 1])")
+    return float(value)
 
 
-def _pair(backbone: Backbone, source: str, target: str):
-    return backbone.encode_prompt([source]), backbone.encode_prompt([source, target])
+def check_strength(value) -> float:
+    if not (is_number(value) and 0 <= value <= 1):
+        raise ConfigError(f"{KEY}strength={value!r} must be a number in [0, 1]; 0 keeps the image, 1 ignores it")
+    return float(value)
 
 
-def _check(z0: torch.Tensor, source: str, target: str) -> None:
+def check_controller(controller: str) -> str:
+    if controller not in CONTROLLERS:
+        raise ConfigError(f"{KEY}controller={controller!r} is unknown; use auto (replace for equal word counts, "
+                          f"else refine), replace or refine")
+    return controller
+
+
+def check_controller_prompts(controller: str, source: str, target: str) -> None:
+    """replace swaps words one for one, so its prompts have as many words."""
+    words = [len(prompt.split()) for prompt in (source, target)]
+    if controller == "replace" and words[0] != words[1]:
+        raise ConfigError(f"{KEY}controller=replace swaps words one for one, but source has {words[0]} words and "
+                          f"target {words[1]}; use {KEY}controller=refine (or auto) when words are added or removed")
+
+
+def check_inputs(z0: torch.Tensor, source: str, target: str) -> None:
     if z0.ndim != 4 or z0.shape[0] != 1:
         raise ValueError(f"editing takes one image's latents [1, C, h, w], got {tuple(z0.shape)}")
     for name, prompt in (("source", source), ("target", target)):
@@ -95,14 +104,9 @@ def _check(z0: torch.Tensor, source: str, target: str) -> None:
             raise ConfigError(f"the {name} prompt is empty; give the words that describe the image")
 
 
-def p2p_controller(backbone: Backbone, source: str, target: str, s: EditSettings, tau_u: float | None):
-    """The prompt-to-prompt controller of the P2P baselines (s.controller, s.tau_c, s.tau_s; P2Plus with tau_u)."""
-    return edit_controller(backbone.tokenizers[0], source, [target], s.controller, s.tau_c, s.tau_s, tau_u)
-
-
-def _blend(backbone: Backbone, source: str, target: str, s: EditSettings):
-    """The LocalBlend of s.blend_words (None when off); built before any inversion, so a bad word stops at once."""
-    return edit_blend(backbone.tokenizers[0], [source, target], s.blend_words, s.blend_threshold)
+# ----- shared steps -------------------------------------------------------------------------------
+def _pair(backbone: Backbone, source: str, target: str):
+    return backbone.encode_prompt([source]), backbone.encode_prompt([source, target])
 
 
 def sample_controlled(backbone, cond, start, uncond, num_steps, guidance_scale, controller,
@@ -115,130 +119,264 @@ def sample_controlled(backbone, cond, start, uncond, num_steps, guidance_scale, 
 
 
 # ----- the methods ---------------------------------------------------------------------------------
-@torch.no_grad()
-def ddim_word_swap(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
-                   guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+@dataclass
+class EditMethod:
+    """What every method has: its step count (the paper's). Subclasses add their settings and `edit`."""
+
+    num_steps: int
+
+    def __post_init__(self):
+        check_whole(f"{KEY}num_steps", self.num_steps, 1)
+
+    def check_prompts(self, source: str, target: str) -> None:
+        """Stop prompts this method cannot edit, before any model loads (nothing to check by default)."""
+
+    def __call__(self, backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int | None = None,
+                 guidance_scale: float = 7.5, seed: int = 0, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        check_inputs(z0, source, target)
+        self.check_prompts(source, target)  # before any inversion
+        steps = self.num_steps if num_steps is None else int(num_steps)
+        return self.edit(backbone, z0, source, target, steps, float(guidance_scale), int(seed), pixels)
+
+    def edit(self, backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int,
+             guidance_scale: float, seed: int, pixels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class DDIMWordSwap(EditMethod):
     """DDIM inversion (w = 1, source prompt), then [source, target] sampled from z_N at w, no control."""
-    _check(z0, source, target)
-    cond_src, cond = _pair(backbone, source, target)
-    z_n = ddim_invert(backbone, z0, cond_src, num_steps)[-1]
-    return ddim_sample(backbone, cond, z_n.expand(2, *z_n.shape[1:]), backbone.encode_prompt([""]), num_steps,
-                       guidance_scale)
+
+    @torch.no_grad()
+    def edit(self, backbone, z0, source, target, num_steps, guidance_scale, seed, pixels):
+        cond_src, cond = _pair(backbone, source, target)
+        z_n = ddim_invert(backbone, z0, cond_src, num_steps)[-1]
+        return ddim_sample(backbone, cond, z_n.expand(2, *z_n.shape[1:]), backbone.encode_prompt([""]), num_steps,
+                           guidance_scale)
 
 
-@torch.no_grad()
-def sdedit(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
-           guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
-    """z_0 noised to `settings.strength` (seeded), then [source, target] denoised from the start step."""
-    _check(z0, source, target)
-    s = EditSettings.create(settings)
-    start = sdedit_start(num_steps, s.strength)
-    if start >= num_steps:
-        return z0.expand(2, *z0.shape[1:]).clone()
-    generator = torch.Generator(z0.device).manual_seed(int(s.seed))
-    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=torch.float32)
-    if start == 0:
-        x = noise  # strength 1: the image is ignored
-    else:
-        a = DDIMSchedule(backbone.scheduler.config, num_steps).alpha(start).to(z0.device, torch.float32)
-        x = a.sqrt() * z0.float() + (1 - a).sqrt() * noise
-    _, cond = _pair(backbone, source, target)
-    return ddim_sample(backbone, cond, x.to(z0.dtype).expand(2, *z0.shape[1:]), backbone.encode_prompt([""]),
-                       num_steps, guidance_scale, start_step=start)
+@dataclass
+class SDEdit(EditMethod):
+    """z_0 noised to `strength` (seeded), then [source, target] denoised from the start step."""
+
+    strength: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.strength = check_strength(self.strength)
+
+    @torch.no_grad()
+    def edit(self, backbone, z0, source, target, num_steps, guidance_scale, seed, pixels):
+        start = sdedit_start(num_steps, self.strength)
+        if start >= num_steps:
+            return z0.expand(2, *z0.shape[1:]).clone()
+        generator = torch.Generator(z0.device).manual_seed(seed)
+        noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=torch.float32)
+        if start == 0:
+            x = noise  # strength 1: the image is ignored
+        else:
+            a = DDIMSchedule(backbone.scheduler.config, num_steps).alpha(start).to(z0.device, torch.float32)
+            x = a.sqrt() * z0.float() + (1 - a).sqrt() * noise
+        _, cond = _pair(backbone, source, target)
+        return ddim_sample(backbone, cond, x.to(z0.dtype).expand(2, *z0.shape[1:]), backbone.encode_prompt([""]),
+                           num_steps, guidance_scale, start_step=start)
 
 
-def _null_text(backbone, z0, source, target, num_steps, guidance_scale, settings, tau_u) -> torch.Tensor:
-    _check(z0, source, target)
-    s = EditSettings.create(settings)
-    controller, blend = p2p_controller(backbone, source, target, s, tau_u), _blend(backbone, source, target, s)
-    cond_src, cond = _pair(backbone, source, target)
-    trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
-    schedule = null_text_inversion(backbone, trajectory, cond_src, num_steps, guidance_scale,
-                                   **dict(s.null_text or {}))  # Mokady et al.'s settings by default
-    with torch.no_grad():
-        return sample_controlled(backbone, cond, trajectory[-1], schedule, num_steps, guidance_scale, controller,
-                                  blend)
+@dataclass
+class PromptToPromptEdit(EditMethod):
+    """The P2P baselines' controller (tau_c, tau_s; P2Plus: tau_u) and LocalBlend; subclasses pick the inversion."""
+
+    controller: str
+    tau_c: float
+    tau_s: float
+    tau_u: float | None  # None: prompt-to-prompt; a share: P2Plus's unconditional self-attention
+    blend_words: list | str | None
+    blend_threshold: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_controller(self.controller)
+        self.tau_c, self.tau_s = fraction("tau_c", self.tau_c), fraction("tau_s", self.tau_s)
+        self.tau_u = fraction("tau_u", self.tau_u, optional=True)
+        self.blend_threshold = check_threshold(self.blend_threshold)
+
+    def check_prompts(self, source: str, target: str) -> None:
+        check_controller_prompts(self.controller, source, target)
+        if self.blend_words is not None:
+            check_blend_words([source, target], self.blend_words)
+
+    def controllers(self, backbone: Backbone, source: str, target: str):
+        """(the prompt-to-prompt controller, the LocalBlend or None), built before any inversion."""
+        tokenizer = backbone.tokenizers[0]
+        return (edit_controller(tokenizer, source, [target], self.controller, self.tau_c, self.tau_s, self.tau_u),
+                edit_blend(tokenizer, [source, target], self.blend_words, self.blend_threshold))
 
 
-def null_text_p2p(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
-                  guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
-    """Null-text inversion + prompt-to-prompt (tau_c, tau_s)."""
-    return _null_text(backbone, z0, source, target, num_steps, guidance_scale, settings, None)
+@dataclass
+class NullTextP2P(PromptToPromptEdit):
+    """Null-text inversion + prompt-to-prompt (P2Plus with tau_u)."""
+
+    null_text: dict  # null_text_inversion's keyword arguments
+
+    def edit(self, backbone, z0, source, target, num_steps, guidance_scale, seed, pixels):
+        controller, blend = self.controllers(backbone, source, target)
+        cond_src, cond = _pair(backbone, source, target)
+        trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
+        schedule = null_text_inversion(backbone, trajectory, cond_src, num_steps, guidance_scale, **self.null_text)
+        with torch.no_grad():
+            return sample_controlled(backbone, cond, trajectory[-1], schedule, num_steps, guidance_scale, controller,
+                                     blend)
 
 
-def null_text_p2plus(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
-                     guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
-    """Null-text inversion + P2Plus (prompt-to-prompt with the unconditional self-attention for tau_u)."""
-    s = EditSettings.create(settings)
-    return _null_text(backbone, z0, source, target, num_steps, guidance_scale, s, s.tau_u)
-
-
-@torch.no_grad()
-def negative_prompt_p2p(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 50,
-                        guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
+@dataclass
+class NegativePromptP2P(PromptToPromptEdit):
     """Negative-prompt inversion (the source embedding as every step's uncond) + prompt-to-prompt."""
-    _check(z0, source, target)
-    s = EditSettings.create(settings)
-    controller, blend = p2p_controller(backbone, source, target, s, None), _blend(backbone, source, target, s)
-    cond_src, cond = _pair(backbone, source, target)
-    trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
-    return sample_controlled(backbone, cond, trajectory[-1], negative_prompt_inversion(cond_src, num_steps),
-                              num_steps, guidance_scale, controller, blend)
+
+    @torch.no_grad()
+    def edit(self, backbone, z0, source, target, num_steps, guidance_scale, seed, pixels):
+        controller, blend = self.controllers(backbone, source, target)
+        cond_src, cond = _pair(backbone, source, target)
+        trajectory = ddim_invert(backbone, z0, cond_src, num_steps)
+        return sample_controlled(backbone, cond, trajectory[-1], negative_prompt_inversion(cond_src, num_steps),
+                                 num_steps, guidance_scale, controller, blend)
 
 
-def style_diffusion(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 30,
-                    guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
-    """StyleDiffusion: Algorithm 1 on z_0's trajectory, then the P2Plus edit (the replay and the target)."""
-    return _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, settings, sdedit=False)
+@dataclass
+class StyleDiffusionEdit(EditMethod):
+    """StyleDiffusion: Algorithm 1 on z_0's trajectory, then the P2Plus edit (or, with `strength`, SDEdit)."""
+
+    image_encoder: dict      # {path, build}: E's folder, or the architecture of a random one built there
+    map_resolution: int      # the trajectory's cross-attention maps (L_att)
+    map_blocks: list
+    mapping: dict            # MappingNetwork's settings
+    inner: dict              # Algorithm 1's schedule, Adam, early stop and loss weight (FitSettings)
+    adam: dict
+    early_stop: float
+    early_stop_growth: float
+    attention_weight: float
+    editing: dict            # the taus of style_editing.edit: tau_v, tau_c, tau_s, tau_u
+    controller: str
+    blend_words: list | str | None
+    blend_threshold: float
+    sdedit: bool             # False: P2Plus; True: StyleDiffusion + SDEdit at `strength`
+    strength: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_controller(self.controller)
+        self.blend_threshold = check_threshold(self.blend_threshold)
+        self.strength = check_strength(self.strength)
+        self.editing = {k: fraction(f"editing.{k}", v, optional=k == "tau_u") for k, v in self.editing.items()}
+        self.fit_settings(self.num_steps, 7.5)  # a bad schedule or preset stops here
+        self.image_encoder = {"path": None, "build": None, **self.image_encoder}
+        path = self.image_encoder["path"]
+        if not self.image_encoder["build"] and (not path or not Path(str(path)).expanduser().exists()):
+            raise ConfigError(f"{KEY}image_encoder.path={path} does not exist; give a local CLIP vision model folder "
+                              f"or {KEY}image_encoder.build=base|tiny to build a random one there")
+
+    def fit_settings(self, num_steps: int, guidance_scale: float) -> FitSettings:
+        return FitSettings(num_steps, guidance_scale, inner=self.inner, adam=self.adam, early_stop=self.early_stop,
+                           early_stop_growth=self.early_stop_growth, attention_weight=self.attention_weight,
+                           map_blocks=tuple(self.map_blocks))
+
+    def check_prompts(self, source: str, target: str) -> None:
+        if not self.sdedit:
+            check_controller_prompts(self.controller, source, target)
+        if self.blend_words is not None:
+            check_blend_words([source, target], self.blend_words)
+
+    @torch.no_grad()
+    def edit(self, backbone, z0, source, target, num_steps, guidance_scale, seed, pixels):
+        encoder = self.image_encoder
+        image_encoder = ensure_encoder(encoder["path"], encoder["build"], f"{KEY}image_encoder.path")
+        fitter = StyleDiffusionFitter.create(backbone, image_encoder.to(backbone.device),
+                                             self.fit_settings(num_steps, guidance_scale), **self.mapping)
+        trajectory = invert_latents(backbone, z0, source, num_steps, self.map_resolution, tuple(self.map_blocks))
+        pixels = pixels if pixels is not None else backbone.decode_latents(z0) * 2 - 1
+        generator = torch.Generator(backbone.device).manual_seed(seed)
+        with AttentionHub(backbone.unet) as hub:  # the UNet gets its processors back
+            inversion = fitter.fit(hub, pixels.to(backbone.device, torch.float32), source, trajectory, "image",
+                                   generator)
+            return style_edit(backbone, hub, inversion, [target], **self.editing, controller=self.controller,
+                              guidance_scale=guidance_scale, blend_words=self.blend_words,
+                              blend_threshold=self.blend_threshold,
+                              sdedit_strength=self.strength if self.sdedit else None)
 
 
-def style_diffusion_sdedit(backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int = 30,
-                           guidance_scale: float = 7.5, settings: EditSettings | dict | None = None) -> torch.Tensor:
-    """StyleDiffusion + SDEdit (Sec. 5.2.5): Algorithm 1, then the target leaves the replay at step
-    round((1 - settings.strength) T) and denoises with its prompt, without attention control."""
-    return _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, settings, sdedit=True)
+# ----- methods by name: conf/edit_method/<name>.yaml ------------------------------------------------
+def method_names() -> list[str]:
+    """The edit methods there are: one yaml each in conf/edit_method/."""
+    return sorted(path.stem for path in CONF_DIR.glob("*.yaml"))
 
 
-@torch.no_grad()
-def _style_diffusion(backbone, z0, source, target, num_steps, guidance_scale, settings, sdedit: bool):
-    _check(z0, source, target)
-    s = EditSettings.create(settings)
-    if sdedit:
-        sdedit_start(num_steps, s.strength)  # a bad strength stops before Algorithm 1
-    if s.blend_words is not None:
-        check_blend_words([source, target], s.blend_words)  # before Algorithm 1, not after it
-    cfg = {**STYLE_DEFAULTS, **dict(s.style_diffusion or {})}
-    encoder = {"path": None, "build": None, "key": "image_encoder.path", **dict(cfg["image_encoder"] or {})}
-    if not encoder["path"]:
-        raise ConfigError("image_encoder.path is not set; give a local CLIP vision model folder "
-                          "(or image_encoder.build=base|tiny to build a random one there)")
-    fit = FitSettings(num_steps, guidance_scale, map_blocks=cfg["map_blocks"],
-                      **{k: cfg[k] for k in FIT_KEYS if k in cfg})  # a bad schedule or preset stops here
-    taus = {k: v for k, v in dict(cfg.get("editing") or {}).items() if k in TAUS}
-    image_encoder = ensure_encoder(encoder["path"], encoder["build"], encoder["key"]).to(backbone.device)
-    fitter = StyleDiffusionFitter.create(backbone, image_encoder, fit, **dict(cfg.get("mapping") or {}))
-    trajectory = invert_latents(backbone, z0, source, num_steps, cfg["map_resolution"], cfg["map_blocks"])
-    pixels = s.pixels if s.pixels is not None else backbone.decode_latents(z0) * 2 - 1
-    generator = torch.Generator(backbone.device).manual_seed(int(s.seed))
-    with AttentionHub(backbone.unet) as hub:  # the UNet gets its processors back
-        inversion = fitter.fit(hub, pixels.to(backbone.device, torch.float32), source, trajectory, "image", generator)
-        return style_edit(backbone, hub, inversion, [target], **taus, controller=s.controller,
-                          guidance_scale=guidance_scale, blend_words=s.blend_words, blend_threshold=s.blend_threshold,
-                          sdedit_strength=s.strength if sdedit else None)
+def method_config(name: str, overrides: list[str] = ()):
+    """conf/edit_method/<name>.yaml as edit.py composes it (model=shapes unless an override picks another),
+    resolved, as a config of its own that takes no unknown key."""
+    from omegaconf import OmegaConf
+
+    from utils.config import entry_config
+
+    if name not in method_names():
+        raise ConfigError(f"edit method {name!r} is unknown; use one of {', '.join(method_names())}")
+    node = entry_config("edit", [f"edit_method={name}", *overrides]).edit_method
+    cfg = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
-EditMethod = Callable[..., torch.Tensor]
-METHODS: dict[str, EditMethod] = {
-    "ddim_word_swap": ddim_word_swap,
-    "sdedit": sdedit,
-    "null_text_p2p": null_text_p2p,
-    "null_text_p2plus": null_text_p2plus,
-    "negative_prompt_p2p": negative_prompt_p2p,
-    "style_diffusion": style_diffusion,
-    "style_diffusion_sdedit": style_diffusion_sdedit,
-}
-BLEND_METHODS = ("null_text_p2p", "null_text_p2plus", "negative_prompt_p2p", "style_diffusion",
-                 "style_diffusion_sdedit")  # the methods that read blend_words
-# steps of each method in the paper's comparison: 50 for the null-text / P2P family (methods.md), T = 30
-# for StyleDiffusion (Sec. 4.1) and the same 50 for the other baselines
-DEFAULT_STEPS = {name: 50 for name in METHODS} | {"style_diffusion": 30, "style_diffusion_sdedit": 30}
+def build_method(cfg) -> EditMethod:
+    """The method a config node describes (its `_target_` class with its settings, checked)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg, _convert_="all")
+    except Exception as e:  # Hydra wraps a bad setting's ConfigError: raise that one
+        raise find_user_error(e) or e from None
+
+
+def load_edit_method(name: str, **settings) -> EditMethod:
+    """The method of conf/edit_method/<name>.yaml, with `settings` replacing its values (nested dicts merge)."""
+    from omegaconf import OmegaConf
+
+    return build_method(OmegaConf.merge(method_config(name), settings))
+
+
+# ----- the name-based API of benchmarks/ before conf/edit_method/ -----------------------------------
+EditSettings = dict  # the old bag of every method's settings: here, overrides of the yaml's values by key
+
+
+def _with_known(name: str, settings: dict) -> EditMethod:
+    """<name>.yaml's method with those of `settings` it has (each method read only its part of the old bag)."""
+    from omegaconf import OmegaConf
+
+    cfg = method_config(name)
+    return build_method(OmegaConf.merge(cfg, {k: v for k, v in settings.items() if k in cfg}))
+
+
+def run_method(name: str, backbone: Backbone, z0: torch.Tensor, source: str, target: str,
+               num_steps: int | None = None, guidance_scale: float = 7.5, settings: dict | None = None):
+    """`METHODS[name](backbone, z0, source, target, num_steps, guidance_scale, settings)`: `settings` replace the
+    yaml's values of the keys the method has (`style_diffusion`'s entries count as the method's own); `seed` and
+    `pixels` go to the call."""
+    flat = dict(settings or {})
+    call = {key: flat.pop(key) for key in ("seed", "pixels") if key in flat}
+    flat.update(flat.pop("style_diffusion", None) or {})
+    return _with_known(name, flat)(backbone, z0, source, target, num_steps, guidance_scale, **call)
+
+
+def p2p_controller(backbone: Backbone, source: str, target: str, settings: dict | None = None,
+                   tau_u: float | None = None):
+    """The P2P baselines' controller: null_text_p2p.yaml's settings, `settings`' values, P2Plus with tau_u."""
+    method = _with_known("null_text_p2p", {**dict(settings or {}), "tau_u": tau_u})
+    return method.controllers(backbone, source, target)[0]
+
+
+def __getattr__(attribute: str):
+    """METHODS (name -> the old call) and DEFAULT_STEPS (name -> the yaml's num_steps), built when first read."""
+    from functools import partial
+
+    if attribute == "METHODS":
+        return {name: partial(run_method, name) for name in method_names()}
+    if attribute == "DEFAULT_STEPS":
+        return {name: int(method_config(name).num_steps) for name in method_names()}
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")

@@ -62,14 +62,16 @@ class UncondSchedule:
 def reconstruct(backbone: Backbone, trajectory: list[torch.Tensor], cond: Conditioning,
                 uncond: Conditioning | CondSchedule, num_steps: int, guidance_scale: float = 7.5) -> torch.Tensor:
     """z_0 as guided sampling from the trajectory's z_N sees it (compare with trajectory[0])."""
-    _check_trajectory(trajectory, num_steps)
+    trajectory = _checked_trajectory(backbone, trajectory, num_steps)
     return ddim_sample(backbone, cond, trajectory[-1], uncond, num_steps, guidance_scale)
 
 
-def _check_trajectory(trajectory: list[torch.Tensor], num_steps: int) -> None:
+def _checked_trajectory(backbone: Backbone, trajectory: list[torch.Tensor], num_steps: int) -> list[torch.Tensor]:
+    """The trajectory on the backbone's device (a `Trajectory` keeps its latents on the CPU)."""
     if len(trajectory) != num_steps + 1:
         raise ValueError(f"a {num_steps}-step inversion needs {num_steps + 1} latents [z_0, ..., z_N], "
                          f"got {len(trajectory)}")
+    return [z.to(backbone.device) for z in trajectory]
 
 
 def _optimise_step(backbone: Backbone, x: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
@@ -113,7 +115,7 @@ def null_text_inversion(backbone: Backbone, trajectory: list[torch.Tensor], cond
     `ddim_sample` with the result as its uncond repeats these latents. Only the hidden states are optimised
     (SDXL's pooled text and size ids stay those of `uncond`). `trajectory` is one image's (batch 1).
     """
-    _check_trajectory(trajectory, num_steps)
+    trajectory = _checked_trajectory(backbone, trajectory, num_steps)
     if trajectory[0].shape[0] != 1:
         raise ValueError(f"null-text inversion optimises one image's embedding; "
                          f"got a batch of {trajectory[0].shape[0]}")

@@ -27,6 +27,11 @@ SDXL_KEYS = ("clip_l", "clip_g")
 log = logging.getLogger(__name__)
 
 
+def fill_template(template: str, word: str) -> str:
+    """A template's '{}' replaced by a word (a token, a class word, or nothing), spaces collapsed."""
+    return " ".join(template.replace("{}", word).split())
+
+
 def vector_names(token: str, num_vectors: int) -> list[str]:
     """diffusers' names for a multi-vector token: tok, tok_1, tok_2, ..."""
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]

@@ -85,8 +85,12 @@ class DiffusionModule(L.LightningModule):
             self._hub = None
 
     # ----- optimisation ----------------------------------------------------------------------------
+    def optimizer_params(self) -> list:
+        """What the optimizer trains: parameters, or parameter groups (a method whose weights join later)."""
+        return self.trainable_parameters()
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        optimizer = self.optimizer_factory(params=self.optimizer_params())
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)

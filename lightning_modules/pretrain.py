@@ -20,7 +20,9 @@ A vocabulary word the `init_from` tokenizer lacks gets a new token; the rows of 
 cross-attention at `attention_resolutions`: for every caption word that names an object or the
 background (the batch's `token_roles`), (1 - its attention mass inside that region / its total mass)^2,
 averaged over words and layers. It makes the model's words attend where their objects are, which the
-attention-based methods (EM masks, LAG, prompt-to-prompt) rely on.
+attention-based methods (EM masks, LAG, prompt-to-prompt) rely on. `pixel_weight` > 0 adds its pixel loss
+(eq. 3): the token loss alone lets a word's map peak in a few cells of its region, which a threshold on the
+map (EM's masks, LAG's median split) cannot turn into the region.
 """
 
 from __future__ import annotations
@@ -38,75 +40,12 @@ import torch.nn.functional as F
 
 from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.schedules import SD_BETAS, SD_DDIM
-from diffusion.clip_tokenizer import write_clip_tokenizer
+from diffusion.clip_tokenizer import CaptionIds, extend_vocabulary, write_clip_tokenizer
+from diffusion.losses import region_masks, token_attention_loss, token_pixel_loss
 from utils.errors import ConfigError
 from utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
-
-
-def extend_vocabulary(tokenizer, text_encoder, words: list[str]):
-    """A tokenizer over `words` and the text encoder re-indexed to it: every token both vocabularies hold
-    keeps its embedding row, a new one starts from the mean row. Returns the new tokenizer."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        new = CLIPTokenizer.from_pretrained(write_clip_tokenizer(words, tmp))
-    old_rows = text_encoder.get_input_embeddings().weight.data
-    old_ids = tokenizer.get_vocab()
-    rows = old_rows.mean(0, keepdim=True).repeat(len(new), 1)
-    for token, i in new.get_vocab().items():
-        if token in old_ids:
-            rows[i] = old_rows[old_ids[token]]
-    embedding = torch.nn.Embedding(len(new), rows.shape[1])
-    embedding.weight.data.copy_(rows)
-    text_encoder.set_input_embeddings(embedding)
-    text_encoder.config.update(dict(vocab_size=len(new), bos_token_id=new.bos_token_id,
-                                    eos_token_id=new.eos_token_id, pad_token_id=new.pad_token_id))
-    return new
-
-
-def region_masks(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """[B, 2, H, W] object coverage -> [B, 3, h*w]: the two objects' and the background's share of each cell."""
-    background = 1 - masks.sum(1, keepdim=True).clamp(max=1)
-    regions = F.adaptive_avg_pool2d(torch.cat([masks, background], 1).float(), hw)
-    return regions.flatten(2)
-
-
-def token_attention_loss(maps: torch.Tensor, regions: torch.Tensor,
-                         roles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TokenCompose's token loss for one layer, and the mean share inside (for the logs).
-
-    maps [B, h*w, K] cross-attention (heads averaged), regions [B, R, h*w], roles [B, K] (the region each
-    token names, -1 for none); only tokens with a role count."""
-    maps = maps.float()
-    inside = torch.einsum("bpk,brp->bkr", maps, regions)
-    share = inside.gather(-1, roles.clamp(min=0)[..., None])[..., 0] / maps.sum(1).clamp_min(1e-8)
-    valid = roles >= 0
-    return ((1 - share[valid]) ** 2).mean(), share[valid].detach().mean()
-
-
-class CaptionIds:
-    """The tokenizer's padded ids for captions, looked up word by word where every word is one token of
-    the vocabulary (the world's captions). Same ids as the tokenizer; far cheaper: its per-word BPE over a
-    batch of 512 captions took longer than the training step. Other text goes through the tokenizer."""
-
-    def __init__(self, tokenizer, words: list[str]):
-        self.tokenizer = tokenizer
-        pieces = {w: tokenizer(w, add_special_tokens=False).input_ids for w in words}
-        self.word_ids = {w: ids[0] for w, ids in pieces.items() if len(ids) == 1}
-
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        tok, length = self.tokenizer, self.tokenizer.model_max_length
-        out = torch.full((len(prompts), length), tok.pad_token_id, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            words = prompt.split()
-            if len(words) + 2 <= length and all(w in self.word_ids for w in words):
-                ids = [tok.bos_token_id, *(self.word_ids[w] for w in words), tok.eos_token_id]
-            else:
-                ids = tok(prompt, truncation=True, max_length=length).input_ids
-            out[row, :len(ids)] = torch.tensor(ids)
-        return out
 
 
 def _schedule(start: int, warmup: int, total: int):
@@ -128,7 +67,8 @@ class PretrainModule(L.LightningModule):
                  weight_decay: float = 0.01, uncond_p: float = 0.1, kl_weight: float = 1e-6, ema_decay: float = 0.999,
                  init_from: str | None = None, unet_from: str | None = None, train_text_encoder: bool = True,
                  decoder_steps: int = 0, object_weight: float = 0.0, vae_from: str | None = None,
-                 attention_weight: float = 0.0, attention_resolutions: tuple[int, ...] = (16, 8), seed: int = 0):
+                 attention_weight: float = 0.0, attention_resolutions: tuple[int, ...] = (16, 8),
+                 pixel_weight: float = 0.0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         if init_from is None and vae_steps <= 0:
@@ -141,8 +81,8 @@ class PretrainModule(L.LightningModule):
                 raise ConfigError(f"module.{key}={folder} has no {part}/ folder; give an exported pipeline")
         if vae_from is not None and init_from is None:
             raise ConfigError("module.vae_from replaces the autoencoder of module.init_from; set module.init_from too")
-        if attention_weight < 0 or object_weight < 0:
-            raise ConfigError("module.attention_weight and module.object_weight must be >= 0")
+        if min(attention_weight, pixel_weight, object_weight) < 0:
+            raise ConfigError("module.attention_weight, module.pixel_weight and module.object_weight must be >= 0")
         self.built = False
 
     # ----- model -----------------------------------------------------------------------------------
@@ -187,7 +127,7 @@ class PretrainModule(L.LightningModule):
         self.noise_scheduler = DDPMScheduler(**SD_BETAS, num_train_timesteps=1000)
         self.caption_ids = CaptionIds(self.tokenizer, hp.words)
         self.attention_store = None
-        if hp.attention_weight > 0:  # after the EMA copy: the exported UNet keeps diffusers' processors
+        if hp.attention_weight > 0 or hp.pixel_weight > 0:  # after the EMA copy: the exported UNet keeps diffusers' processors
             self.attention_store = AttentionStore(blocks=("down", "up"), resolutions=hp.attention_resolutions,
                                                   with_grad=True)
             self.hub = AttentionHub(self.unet, [self.attention_store])
@@ -236,20 +176,29 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         if self.attention_store is not None:
             roles = roles.masked_fill(drop.to(roles.device)[:, None], -1)  # a dropped caption names nothing
-            loss = loss + self.hparams.attention_weight * self.attention_loss(masks, roles)
+            token, pixel = self.attention_loss(masks, roles)
+            loss = loss + self.hparams.attention_weight * token + self.hparams.pixel_weight * pixel
         return loss
 
-    def attention_loss(self, masks: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-        """TokenCompose's token loss averaged over the recorded layers (the store is emptied)."""
-        losses, shares = [], []
+    def attention_loss(self, masks: torch.Tensor, roles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TokenCompose's token loss averaged over the recorded layers, and its pixel loss on each resolution's
+        layer-averaged maps, averaged over resolutions (the store is emptied)."""
+        losses, shares, by_size = [], [], {}
         for place, maps in self.attention_store.select():
-            loss, share = token_attention_loss(maps, region_masks(masks, self.attention_store.hw[place]), roles)
+            regions = region_masks(masks, self.attention_store.hw[place])
+            loss, share = token_attention_loss(maps, regions, roles)
             losses.append(loss)
             shares.append(share)
+            by_size.setdefault(self.attention_store.hw[place], (regions, []))[1].append(maps)
         self.attention_store.reset()
-        loss = torch.stack(losses).mean()
-        self.log_dict({"train/attention": loss, "train/attention_share": torch.stack(shares).mean()}, prog_bar=True)
-        return loss
+        token = torch.stack(losses).mean()
+        pixel = token.new_zeros(())
+        if self.hparams.pixel_weight > 0:
+            pixel = torch.stack([token_pixel_loss(torch.stack(maps).mean(0), regions, roles)
+                                 for regions, maps in by_size.values()]).mean()
+        self.log_dict({"train/attention": token, "train/attention_share": torch.stack(shares).mean(),
+                       "train/attention_pixel": pixel}, prog_bar=True)
+        return token, pixel
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.in_vae_stage:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -38,6 +39,7 @@ from diffusion.tokens import PlaceholderTokens
 from lightning_modules.base import DiffusionModule
 from utils.errors import ConfigError
 from utils.io import write_json
+from utils.settings import Settings
 
 log = logging.getLogger(__name__)
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
@@ -49,6 +51,26 @@ def slider_target(eps_neutral: torch.Tensor, eps_positive: torch.Tensor, eps_neg
                   scale: torch.Tensor) -> torch.Tensor:
     """eq. (5) / (7): eps(c_t) + scale * (eps(c+) - eps(c-)), scale = +-alpha * eta per sample."""
     return eps_neutral + scale.view(-1, 1, 1, 1) * (eps_positive - eps_negative)
+
+
+@dataclass(frozen=True)
+class PoolSettings(Settings):
+    """module.pool: how the latent pool samples each target prompt (conf/method/prompt_slider.yaml's values)."""
+
+    key = "module.pool"
+    size: int
+    num_steps: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class ReferenceCodeSettings(Settings):
+    """module.reference_code: the authors' code's z_t and inference cut-off (variant=reference_code)."""
+
+    key = "module.reference_code"
+    denoise_steps: int
+    denoise_guidance: float
+    zero_above: int
 
 
 class LatentPool:
@@ -109,8 +131,8 @@ def denoise_partially(backbone: Backbone, cond: Conditioning, uncond: Conditioni
 class SliderModule(DiffusionModule):
     def __init__(self, backbone: dict, token: dict, optimizer: Callable, lr_scheduler: Callable | None = None,
                  mode: str = "textual", variant: str = "paper", alpha_min: float = 0.0, alpha_max: float = 3.0,
-                 resolution: int | None = None, pool: dict | None = None, reference_code: dict | None = None,
-                 info: dict | None = None, seed: int = 0):
+                 resolution: int | None = None, *, pool: dict, reference_code: dict, info: dict | None = None,
+                 seed: int = 0):
         super().__init__(backbone, optimizer, lr_scheduler, seed)
         if mode not in MODES:
             raise ConfigError(f"module.mode={mode!r} is unknown; use one of {MODES}")
@@ -124,10 +146,9 @@ class SliderModule(DiffusionModule):
         self.mode, self.variant = mode, variant
         self.alpha_min, self.alpha_max = alpha_min, alpha_max
         self.resolution = resolution
-        pool = {"size": 8, "num_steps": 25, "guidance_scale": 7.5, **(pool or {})}
-        self.pool = LatentPool(int(pool["size"]), int(pool["num_steps"]), float(pool["guidance_scale"]), seed)
-        self.reference_code = {"denoise_steps": 50, "denoise_guidance": 3.0, "zero_above": 800,
-                               **(reference_code or {})}
+        pool = PoolSettings.from_config(pool)
+        self.pool = LatentPool(pool.size, pool.num_steps, pool.guidance_scale, seed)
+        self.reference_code = ReferenceCodeSettings.from_config(reference_code)
         self.info = dict(info or {})  # the templates and settings written beside the artifact
         self.save_hyperparameters({"backbone": self.backbone_config, "token": self.token_config, "mode": mode,
                                    "variant": variant, "alpha": [alpha_min, alpha_max], "seed": seed}, logger=False)
@@ -144,7 +165,7 @@ class SliderModule(DiffusionModule):
                                         train_existing=cfg.get("train_existing", False), encoders=[0])
         slider = TokenSlider(self.tokens.expand(self.tokens.token), list(self.tokens.rows),
                              appended=not self.tokens.train_existing, scaling=self.scaling,
-                             zero_above=self.reference_code["zero_above"] if self.variant == "reference_code" else None)
+                             zero_above=self.reference_code.zero_above if self.variant == "reference_code" else None)
         self.sliders = SliderSet([slider])
 
     def on_fit_start(self) -> None:
@@ -210,8 +231,8 @@ class SliderModule(DiffusionModule):
         """The authors' z_t: noise partially denoised with the current token at guidance 3, and its t."""
         cfg = self.reference_code
         cond = self.backbone.encode_prompt([self.trained_prompt(p) for p in targets])
-        return denoise_partially(self.backbone, cond, self.frozen_text([""]), int(cfg["denoise_steps"]),
-                                 float(cfg["denoise_guidance"]), g, self.resolution)
+        return denoise_partially(self.backbone, cond, self.frozen_text([""]), cfg.denoise_steps,
+                                 cfg.denoise_guidance, g, self.resolution)
 
     def visual_loss(self, batch: dict) -> torch.Tensor:
         """eq. (6): ||eps - eps(z_t^A, c_t + alpha S)||^2 + ||eps - eps(z_t^B, c_t - alpha S)||^2."""

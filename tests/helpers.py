@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from utils.config import register_resolvers
 from utils.io import AtomicCheckpointIO, atomic_path
@@ -31,6 +31,13 @@ def compose_cfg(config_name: str, overrides: list[str], output_dir: Path):
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def method_settings(method: str, *keys: str) -> dict:
+    """conf/method/<method>.yaml's module section (unresolved), only `keys`: the defaults a module's code leaves
+    to the yaml, for tests that build the module directly."""
+    module = OmegaConf.to_container(OmegaConf.load(CONF / "method" / f"{method}.yaml").module, resolve=False)
+    return {k: module[k] for k in keys}
 
 
 class KillAtStep(L.Callback):

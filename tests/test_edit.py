@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 import diffusion.editing as editing
 from diffusion.attention import LocalBlend
-from diffusion.editing import BLEND_METHODS, METHODS, EditSettings, ddim_word_swap, null_text_p2p, sdedit
+from diffusion.editing import EditMethod, build_method, load_edit_method, method_config, method_names
 from diffusion.image_encoder import build_random_encoder
 from diffusion.sampling import ddim_sample, initial_noise, sdedit_start
 from utils.errors import ConfigError
@@ -22,6 +22,13 @@ from tests.helpers import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE, TARGET = "a red circle", "a blue circle"
+BLEND_METHODS = [name for name in method_names() if "blend_words" in method_config(name)]  # LocalBlend's
+
+
+def method(name: str, **settings) -> EditMethod:
+    """conf/edit_method/<name>.yaml's method with those of `settings` it has (short inversions by default)."""
+    settings = {"null_text": {"inner_steps": 2, "lr": 0.1}, "inner": {"K": 2}, **settings}
+    return load_edit_method(name, **{k: v for k, v in settings.items() if k in method_config(name)})
 
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -41,11 +48,9 @@ def sampled_latents(backbone, num_steps: int = 6, seed: int = 0) -> torch.Tensor
 
 def test_every_method_returns_the_reconstruction_and_the_edit(tiny, encoder_dir):
     z0 = sampled_latents(tiny)
-    settings = EditSettings(null_text={"inner_steps": 2, "lr": 0.1},
-                            style_diffusion={"image_encoder": {"path": str(encoder_dir)}, "inner": {"K": 2}})
     processors = dict(tiny.unet.attn_processors)
-    for name, method in METHODS.items():
-        out = method(tiny, z0, SOURCE, TARGET, 3, 7.5, settings)
+    for name in method_names():
+        out = method(name, image_encoder={"path": str(encoder_dir)})(tiny, z0, SOURCE, TARGET, 3, 7.5)
         assert out.shape == (2, *z0.shape[1:]) and torch.isfinite(out).all(), name
         assert not torch.equal(out[0], out[1]), name  # the target prompt changed something
         assert dict(tiny.unet.attn_processors) == processors, name  # the UNet gets its processors back
@@ -59,8 +64,8 @@ def test_null_text_reconstruction_beats_ddim_word_swap_at_guidance(tiny):
     (equal errors would mean the optimised embeddings did nothing)."""
     n = 6
     z0 = sampled_latents(tiny, n)
-    plain = ddim_word_swap(tiny, z0, SOURCE, TARGET, n, 7.5)
-    inverted = null_text_p2p(tiny, z0, SOURCE, TARGET, n, 7.5, {"null_text": {"inner_steps": 5, "lr": 0.1}})
+    plain = method("ddim_word_swap")(tiny, z0, SOURCE, TARGET, n, 7.5)
+    inverted = method("null_text_p2p", null_text={"inner_steps": 5, "lr": 0.1})(tiny, z0, SOURCE, TARGET, n, 7.5)
     assert relative_error(inverted[:1], z0) / relative_error(plain[:1], z0) < 0.65
 
 
@@ -71,15 +76,15 @@ def test_sdedit_strength_zero_keeps_the_image_and_one_ignores_it(tiny):
     n = 4
     assert [sdedit_start(n, s) for s in (0.0, 0.25, 0.5, 1.0)] == [4, 3, 2, 0]
     z0, other = sampled_latents(tiny, 3, seed=0), sampled_latents(tiny, 3, seed=1)
-    kept = sdedit(tiny, z0, SOURCE, TARGET, n, 7.5, {"strength": 0.0})
+    kept = method("sdedit", strength=0.0)(tiny, z0, SOURCE, TARGET, n, 7.5)
     torch.testing.assert_close(kept, z0.expand(2, *z0.shape[1:]), atol=0, rtol=0)
-    full = [sdedit(tiny, z, SOURCE, TARGET, n, 7.5, {"strength": 1.0, "seed": 3}) for z in (z0, other)]
+    full = [method("sdedit", strength=1.0)(tiny, z, SOURCE, TARGET, n, 7.5, seed=3) for z in (z0, other)]
     torch.testing.assert_close(full[0], full[1], atol=0, rtol=0)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
     text_to_image = ddim_sample(tiny, tiny.encode_prompt([SOURCE, TARGET]), noise.expand(2, *z0.shape[1:]),
                                 tiny.encode_prompt([""]), n, 7.5)
     torch.testing.assert_close(full[0], text_to_image, atol=1e-5, rtol=0)
-    half = [sdedit(tiny, z, SOURCE, TARGET, n, 7.5, {"strength": 0.5, "seed": 3}) for z in (z0, other)]
+    half = [method("sdedit", strength=0.5)(tiny, z, SOURCE, TARGET, n, 7.5, seed=3) for z in (z0, other)]
     assert (half[0] - half[1]).abs().mean() > 1e-3
     assert relative_error(half[0][:1], z0) < relative_error(full[0][:1], z0)
 
@@ -102,9 +107,10 @@ def test_local_blend_keeps_the_edit_inside_the_mask_and_the_source_outside(tiny,
     monkeypatch.setattr(LocalBlend, "blend", spy)
     z0 = sampled_latents(tiny, 6)
     settings = {"null_text": {"inner_steps": 2, "lr": 0.1}}
-    plain = null_text_p2p(tiny, z0, SOURCE, TARGET, n, 7.5, settings)
+    plain = method("null_text_p2p", **settings)(tiny, z0, SOURCE, TARGET, n, 7.5)
     assert calls == []  # off by default
-    out = null_text_p2p(tiny, z0, SOURCE, TARGET, n, 7.5, {**settings, "blend_words": BLEND, "blend_threshold": 0.93})
+    out = method("null_text_p2p", **settings, blend_words=BLEND, blend_threshold=0.93)(tiny, z0, SOURCE, TARGET, n,
+                                                                                        7.5)
     assert [i for _, i, _, _ in calls] == list(range(n))
     assert torch.equal(calls[0][3], calls[0][2])  # step 0 < int(0.2 * 5) = 1
     blend, _, before, after = calls[-1]
@@ -119,10 +125,9 @@ def test_local_blend_keeps_the_edit_inside_the_mask_and_the_source_outside(tiny,
 def test_empty_blend_mask_makes_every_p2p_method_return_the_source(tiny, encoder_dir):
     """A threshold above 1 leaves no mask: the edited row is the reconstruction after every method's last step."""
     z0 = sampled_latents(tiny)
-    settings = EditSettings(null_text={"inner_steps": 2, "lr": 0.1}, blend_words=BLEND, blend_threshold=1.5,
-                            style_diffusion={"image_encoder": {"path": str(encoder_dir)}, "inner": {"K": 2}})
     for name in BLEND_METHODS:
-        out = METHODS[name](tiny, z0, SOURCE, TARGET, 3, 7.5, settings)
+        out = method(name, blend_words=BLEND, blend_threshold=1.5, image_encoder={"path": str(encoder_dir)})(
+            tiny, z0, SOURCE, TARGET, 3, 7.5)
         assert torch.equal(out[1], out[0]), name
 
 
@@ -134,9 +139,9 @@ def test_a_blend_word_missing_from_its_prompt_stops_before_the_inversion(tiny, m
     z0 = sampled_latents(tiny, 2)
     for name in BLEND_METHODS:
         with pytest.raises(ConfigError, match="blend word 'green' is not in the target prompt 'a blue circle'"):
-            METHODS[name](tiny, z0, SOURCE, TARGET, 3, 7.5, {"blend_words": ["red", "green"]})
+            method(name, blend_words=["red", "green"])(tiny, z0, SOURCE, TARGET, 3, 7.5)
     with pytest.raises(ConfigError, match="needs 2 entries"):
-        null_text_p2p(tiny, z0, SOURCE, TARGET, 3, 7.5, {"blend_words": ["red"]})
+        method("null_text_p2p", blend_words=["red"])(tiny, z0, SOURCE, TARGET, 3, 7.5)
 
 
 # ----- edit.py -----------------------------------------------------------------------------------
@@ -163,32 +168,32 @@ def image_file(tmp_path) -> Path:
 def test_edit_py_writes_the_images_and_refuses_a_second_run(tiny_dir, encoder_dir, image_file, tmp_path):
     out = tmp_path / "run"
     args = [f"image={image_file}", f"source={SOURCE} on a gray background",
-            f"target={TARGET} on a gray background", "method=style_diffusion", "model=tiny",
-            f"model.path={tiny_dir}", "num_steps=3", "style_diffusion.inner.K=2", f"image_encoder.path={encoder_dir}",
+            f"target={TARGET} on a gray background", "model=tiny", f"model.path={tiny_dir}", "num_steps=3",
             "device=cpu", f"hydra.run.dir={out}"]
-    proc = run_edit(*args)
+    style = ["edit_method=style_diffusion", "edit_method.inner.K=2", f"edit_method.image_encoder.path={encoder_dir}"]
+    proc = run_edit(*args, *style)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("source.png", "reconstruction.png", "edited.png"):
         assert Image.open(out / name).size == (64, 64), name
     info = json.loads((out / "edit.json").read_text())
     assert info["method"] == "style_diffusion" and info["num_steps"] == 3
     assert info["source"] == f"{SOURCE} on a gray background" and info["target"] == f"{TARGET} on a gray background"
-    assert info["seconds_per_step"] > 0 and info["settings"]["style_diffusion"]["editing"]["tau_u"] == 0.5
+    assert info["seconds_per_step"] > 0 and info["settings"]["editing"]["tau_u"] == 0.5
     before = snapshot(out)
-    again = run_edit(*args[:3], "method=sdedit", *args[4:])
+    again = run_edit(*args, "edit_method=sdedit")
     assert again.returncode == 2 and len(error_lines(again)) == 1 and "already holds a run" in again.stderr
     assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method=nope", "method=nope is unknown"),
+    ("edit_method=nope", "Could not find 'edit_method/nope'; available options in 'edit_method': ddim_word_swap"),
     ("image=MISSING", "does not exist"),
     ("target=", "target is empty"),
 ])
 def test_edit_py_bad_input_is_one_error_line(override, message, image_file, tmp_path):
     key = override.split("=")[0]
     value = override.split("=", 1)[1].replace("MISSING", str(tmp_path / "none.png"))
-    base = {"image": str(image_file), "source": SOURCE, "target": TARGET, "method": "sdedit"}
+    base = {"image": str(image_file), "source": SOURCE, "target": TARGET, "edit_method": "sdedit"}
     base[key] = value
     proc = run_edit(*[f"{k}={v}" if v else f"{k}=''" for k, v in base.items()], "model=tiny",
                     f"hydra.run.dir={tmp_path / 'run'}")
@@ -199,9 +204,9 @@ def test_edit_py_bad_input_is_one_error_line(override, message, image_file, tmp_
 
 def test_edit_py_with_blend_words(tiny_dir, image_file, tmp_path):
     out = tmp_path / "run"
-    proc = run_edit(f"image={image_file}", f"source={SOURCE}", f"target={TARGET}", "method=null_text_p2p",
-                    "model=tiny", f"model.path={tiny_dir}", "num_steps=3", "null_text.inner_steps=1",
-                    "blend_words=[red,blue]", "device=cpu", f"hydra.run.dir={out}")
+    proc = run_edit(f"image={image_file}", f"source={SOURCE}", f"target={TARGET}", "edit_method=null_text_p2p",
+                    "model=tiny", f"model.path={tiny_dir}", "num_steps=3", "edit_method.null_text.inner_steps=1",
+                    "edit_method.blend_words=[red,blue]", "device=cpu", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     settings = json.loads((out / "edit.json").read_text())["settings"]
     assert settings["blend_words"] == BLEND and settings["blend_threshold"] == 0.3
@@ -212,11 +217,11 @@ def test_edit_py_with_blend_words(tiny_dir, image_file, tmp_path):
     ("null_text_p2p", "[red,green]", "blend word 'green' is not in the target prompt 'a blue circle'"),
     ("style_diffusion", "[red,blue,circle]", "needs 2 entries"),
     ("negative_prompt_p2p", "red", "needs 2 entries"),
-    ("sdedit", "[red,blue]", "blend_words applies to the prompt-to-prompt methods"),
+    ("sdedit", "[red,blue]", "Could not override 'edit_method.blend_words'"),  # sdedit has no LocalBlend
 ])
 def test_edit_py_bad_blend_words_are_one_error_line(method, words, message, image_file, tmp_path):
-    proc = run_edit(f"image={image_file}", f"source={SOURCE}", f"target={TARGET}", f"method={method}",
-                    f"blend_words={words}", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_edit(f"image={image_file}", f"source={SOURCE}", f"target={TARGET}", f"edit_method={method}",
+                    f"edit_method.blend_words={words}", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}")
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
 
@@ -228,10 +233,55 @@ def test_edit_py_runs_with_no_argument(tmp_path):
     from tests.helpers import compose_cfg
 
     out = tmp_path / "run"
-    cfg = compose_cfg("edit", ["num_steps=3", "style_diffusion.inner.K=2", f"paths.cache_dir={tmp_path / 'cache'}"],
+    cfg = compose_cfg("edit", ["num_steps=3", "edit_method.inner.K=2", f"paths.cache_dir={tmp_path / 'cache'}"],
                       out)
     summary = edit.edit(cfg)
     assert summary["method"] == "style_diffusion" and summary["model"] == "shapes"
     assert Path(summary["image"]).parent.name == "shapes_captioned" and summary["source"] != summary["target"]
     for name in ("source.png", "reconstruction.png", "edited.png"):
         assert Image.open(out / name).size == (64, 64), name
+
+
+# ----- conf/edit_method/ -------------------------------------------------------------------------
+def test_every_edit_method_yaml_composes_and_instantiates(tmp_path):
+    """`python edit.py edit_method=<name>` composes for each yaml and builds its method with checked settings."""
+    from tests.helpers import compose_cfg
+
+    yamls = sorted(p.stem for p in (ROOT / "conf" / "edit_method").glob("*.yaml"))
+    assert len(yamls) >= 7
+    for name in yamls:
+        cfg = compose_cfg("edit", [f"edit_method={name}", "model=tiny"], tmp_path / name)
+        built = build_method(cfg.edit_method)
+        assert isinstance(built, EditMethod) and built.num_steps == cfg.num_steps, name
+        assert cfg.method_name == name
+        assert type(load_edit_method(name)) is type(built), name
+
+
+def test_the_yamls_are_the_methods_the_editing_api_accepts():
+    """One yaml per name the API takes, every method class has a yaml, and the old name-based API sees the same."""
+    yamls = {p.stem for p in (ROOT / "conf" / "edit_method").glob("*.yaml")}
+    assert set(method_names()) == yamls
+    classes = {cls.__name__ for cls in all_subclasses(EditMethod) if "edit" in vars(cls)}
+    assert {method_config(name)._target_.rpartition(".")[2] for name in yamls} == classes
+    assert set(editing.METHODS) == yamls
+    assert editing.DEFAULT_STEPS == {name: 30 if name.startswith("style_diffusion") else 50 for name in yamls}
+    with pytest.raises(ConfigError, match="edit method 'nope' is unknown; use one of ddim_word_swap"):
+        load_edit_method("nope")
+    with pytest.raises(ConfigError, match=r"edit_method.tau_s=1.5 must be a number in \[0, 1\]"):
+        load_edit_method("null_text_p2p", tau_s=1.5)
+
+
+def test_the_old_name_based_call(tiny):
+    """benchmarks/style_shapes.py's METHODS[name](..., EditSettings(...)): the keys a method lacks are ignored."""
+    z0 = sampled_latents(tiny, 2)
+    settings = editing.EditSettings(seed=3, strength=0.0, pixels=None, style_diffusion={"inner": {"K": 2}})
+    kept = editing.METHODS["sdedit"](tiny, z0, SOURCE, TARGET, editing.DEFAULT_STEPS["sdedit"], 7.5, settings)
+    torch.testing.assert_close(kept, z0.expand(2, *z0.shape[1:]), atol=0, rtol=0)
+    assert editing.METHODS["style_diffusion"].args == ("style_diffusion",)
+    assert not editing._with_known("style_diffusion", {"strength": 0.3}).sdedit  # SDEdit's strength leaves P2Plus be
+    controller = editing.p2p_controller(tiny, SOURCE, TARGET, editing.EditSettings(), 0.5)  # benchmarks/style_speed.py
+    assert (controller.cross_steps, controller.self_steps, controller.uncond_self_steps) == (0.8, 0.4, 0.5)
+
+
+def all_subclasses(cls: type) -> set[type]:
+    return {sub for child in cls.__subclasses__() for sub in (child, *all_subclasses(child))}

@@ -4,14 +4,19 @@ variants, and an end-to-end run on the shapes world."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from datamodules.scenes import SceneSet, concept_tokens, scan_scenes
 from datamodules.shapes.scenes import write_scene_set
-from lightning_modules.em_mask import EMMaskModule, cross_attention_loss, downsample_mask, masked_diffusion_loss
+from diffusion.concept_masks import EMSettings, JointSettings, LossSettings, PriorSettings, draw_subset
+from diffusion.losses import cross_attention_loss, downsample_mask, masked_diffusion_loss
+from lightning_modules.em_mask import EMMaskModule
+from tests.helpers import method_settings
 from tests.test_train import run_train
 from utils.errors import ConfigError, DataError
 
@@ -68,9 +73,18 @@ def test_loss_forms():
     assert torch.equal(downsample_mask(square, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
 
 
+def yaml_settings() -> dict:
+    """conf/method/em_mask.yaml's settings, less what a run fills in: the code's only defaults."""
+    return method_settings("em_mask", "concepts", "masks", "initializer", "prompt", "joiner", "inversion_steps",
+                           "em", "losses", "joint", "crf")
+
+
 def em_module(tiny_dir, scenes_dir, tmp_path=None, **kwargs) -> EMMaskModule:
+    """The yaml's settings with Stable Diffusion's prompt form (what these tests were written for), then kwargs."""
+    sd_prompt = {"prompt": "a photo of {}", "joiner": " and "}
+    settings = OmegaConf.to_container(OmegaConf.merge(yaml_settings(), sd_prompt, kwargs))
     module = EMMaskModule({"path": str(tiny_dir)}, optimizer=torch.optim.AdamW,
-                          out_dir=None if tmp_path is None else str(tmp_path), **kwargs)
+                          out_dir=None if tmp_path is None else str(tmp_path), **settings)
     module.scene_set = SceneSet(scan_scenes(scenes_dir), 64, flip_p=0.0)
     module.configure_model()
     return module
@@ -156,7 +170,7 @@ def test_gradients_reach_only_what_the_stage_trains(tiny_dir, scenes_dir):
 @pytest.mark.parametrize("variant", ["em", "fixed", "ground_truth"])
 def test_mask_variants_adopt_what_they_should(tiny_dir, scenes_dir, tmp_path, monkeypatch, variant):
     module = em_module(tiny_dir, scenes_dir, tmp_path, masks=variant, joint={"steps": 0})
-    module.em["estimate"] = "denoising"
+    module.em = replace(module.em, estimate="denoising")
     rounds, estimates = [], []
 
     def fake_estimate(index, num_timesteps, estimate):
@@ -186,10 +200,10 @@ def test_estimated_masks_come_from_the_tokens_attention(tiny_dir, scenes_dir):
     masks = module.estimate_masks(0, num_timesteps=2)
     assert set(masks) == {"<s00_c0>", "<s00_c1>", "<s00_bg>"}
     assert all(m.shape == (64, 64) and m.all() for m in masks.values())  # threshold 0: everything
-    module.em["threshold"] = 0.999
+    module.em = replace(module.em, threshold=0.999)
     masks = module.estimate_masks(0, num_timesteps=2)
     assert all(0 < m.float().mean() < 0.2 for m in masks.values())  # only around each map's peak
-    module.em["background"] = "complement"
+    module.em = replace(module.em, background="complement")
     masks = module.estimate_masks(0, num_timesteps=2)
     assert torch.equal(masks["<s00_bg>"], ~(masks["<s00_c0>"] | masks["<s00_c1>"]))
 
@@ -198,7 +212,7 @@ def test_estimated_masks_come_from_the_tokens_attention(tiny_dir, scenes_dir):
 def test_denoising_estimate_partitions_the_scene(tiny_dir, scenes_dir, contrast):
     module = em_module(tiny_dir, scenes_dir, joint={"steps": 0}, em={"refine": False, "contrast": contrast, "chunk": 2})
     image, tokens = module.scene_set.images[0], list(module.scene_set.records[0].concepts)
-    scores = module.denoising_scores(image, tokens, 3, torch.Generator().manual_seed(0))
+    scores = module.estimator.denoising_scores(image, tokens, 3, torch.Generator().manual_seed(0))
     latent = module.backbone.encode_images(image[None]).shape[-2:]
     assert scores.shape == (3, *latent) and scores.isfinite().all()
     masks = module.estimate_masks(0, num_timesteps=3, estimate="denoising")
@@ -220,6 +234,35 @@ def test_unknown_variant_and_missing_ground_truth_are_errors(tiny_dir, scenes_di
         module.mask_round()
 
 
+SETTINGS = {"em": EMSettings, "losses": LossSettings, "joint": JointSettings}
+
+
+def test_settings_fields_are_the_yaml_keys():
+    """The yaml holds every default and the dataclasses name every key: neither can drift from the other."""
+    yaml = yaml_settings()
+    for section, cls in SETTINGS.items():
+        assert set(yaml[section]) == {f.name for f in fields(cls)}, section
+    assert set(yaml["joint"]["prior"]) == {f.name for f in fields(PriorSettings)}
+    built = JointSettings.from_config(yaml["joint"])
+    assert isinstance(built.prior, PriorSettings) and built.as_dict() == yaml["joint"]
+
+
+@pytest.mark.parametrize("section, key", [("em", "assignment"), ("em", "background"), ("em", "estimate"),
+                                          ("em", "contrast"), ("losses", "attention"), ("joint", "weights")])
+def test_settings_reject_unknown_choices_and_missing_keys(section, key):
+    cls, values = SETTINGS[section], yaml_settings()[section]
+    with pytest.raises(ConfigError, match=rf"^module\.{section}\.{key}='x' is unknown; use one of \(") as bad:
+        cls.from_config({**values, key: "x"})
+    assert "\n" not in str(bad.value)
+    with pytest.raises(ConfigError, match=rf"^module\.{section} is missing {key}; ") as missing:
+        cls.from_config({k: v for k, v in values.items() if k != key})
+    assert "\n" not in str(missing.value)
+    with pytest.raises(ConfigError, match=rf"^module\.{section}\.colour is unknown"):
+        cls.from_config({**values, "colour": 1})
+    with pytest.raises(ConfigError, match=r"^module\.joint\.prior is missing prompt, weight; "):
+        JointSettings.from_config({**yaml_settings()["joint"], "prior": {"images_dir": None}})
+
+
 # ----- end to end -----------------------------------------------------------------------------------
 def test_joint_stage_adds_the_prior_preservation_loss(tiny_dir, scenes_dir, image_folder, monkeypatch):
     """With class images, the joint stage's loss is eq. (3) + lambda eq. (4) + weight * the class images'
@@ -233,7 +276,7 @@ def test_joint_stage_adds_the_prior_preservation_loss(tiny_dir, scenes_dir, imag
     batch = {"pixel_values": module.scene_set.images[0][None], "index": torch.tensor([0]),
              "flip": torch.tensor([False])}
     total = module.training_step(batch, 0)
-    tokens = module.draw_subset(list(module.scene_set.records[0].concepts), module.step_generator(offset=1))
+    tokens = draw_subset(list(module.scene_set.records[0].concepts), module.step_generator(offset=1))
     concept, _ = module.concept_loss(batch["pixel_values"], tokens, 0, flip=False)
     pixels, prompts = module.prior.draw(1, module.step_generator(offset=2), module.device)
     class_loss = module.diffusion_loss(pixels, prompts, module.step_generator(offset=3))
@@ -243,6 +286,9 @@ def test_joint_stage_adds_the_prior_preservation_loss(tiny_dir, scenes_dir, imag
 
 def test_em_run_writes_tokens_weights_masks_and_resumes(tiny_dir, scenes_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
+
+    from diffusion.artifacts import load_artifact
+    from diffusion.backbone import load_backbone
 
     common = ["method=em_mask", "model=tiny", f"model.path={tiny_dir}", "trainer=cpu", "logger=csv",
               f"data.scenes_dir={scenes_dir}", "module.em.steps=4", "module.em.every=2", "module.em.timesteps=2",
@@ -265,3 +311,7 @@ def test_em_run_writes_tokens_weights_masks_and_resumes(tiny_dir, scenes_dir, tm
     resumed = tmp_path / "resumed"
     run_train(*common, "module.joint.steps=3", f"hydra.run.dir={resumed}", f"ckpt_path={run}/checkpoints/last.ckpt")
     assert json.loads((resumed / "concepts.json").read_text())["step"] == 7
+    backbone = load_backbone(str(tiny_dir))  # the run loads like any artifact: its tokens and LoRA
+    artifact = load_artifact(backbone, run)
+    assert "em_joint" in backbone.unet.peft_config and artifact.fill("a <s01_c1>", "object") == "a <s01_c1>"
+    assert backbone.tokenizers[0].convert_tokens_to_ids("<s01_c1>") != backbone.tokenizers[0].unk_token_id

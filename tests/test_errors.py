@@ -22,8 +22,6 @@ def run_entry(entry: str, overrides: list[str], tmp_path, capsys) -> str:
     """Run train.train / evaluate.evaluate / edit.edit in-process; return the error line after asserting exit code
     2, one `error:` line and no traceback."""
     module = __import__(entry)
-    if entry == "edit":
-        overrides = module.method_override(overrides)
     cfg = compose_cfg(entry, overrides, tmp_path / "out")
     with pytest.raises(SystemExit) as exit_info:
         getattr(module, entry)(cfg)
@@ -110,7 +108,7 @@ COMMON = {"train": ["trainer=cpu", "logger=csv", "model=tiny", "model.path=<tiny
           "edit": ["model=tiny", "model.path=<tiny>"]}
 IMAGES = "data.images_dir=<in>/images"
 CKPT = "ckpt_path=<run>/checkpoints/last.ckpt"
-SWAP = ("method=null_text_p2p", "source=a red circle", "target=a big blue circle")
+SWAP = ("edit_method=null_text_p2p", "source=a red circle", "target=a big blue circle")
 
 IN_PROCESS = [
     # train.py: data, tokens, model folders
@@ -176,23 +174,24 @@ IN_PROCESS = [
     ("evaluate", ("artifact=<run>", "prompts_file=<in>/no_braces.txt"), "no_braces.txt: prompt 'a medium badge"),
     # edit.py
     ("edit", ("num_steps=abc",), "num_steps='abc' must be a whole number >= 1"),
-    ("edit", ("method=sdedit", "strength=abc"), "strength='abc' must be a number in [0, 1]"),
-    ("edit", ("method=sdedit", "strength=1.5"), "strength=1.5 must be a number in [0, 1]"),
+    ("edit", ("edit_method=sdedit", "edit_method.strength=abc"), "strength='abc' must be a number in [0, 1]"),
+    ("edit", ("edit_method=sdedit", "edit_method.strength=1.5"), "strength=1.5 must be a number in [0, 1]"),
     ("edit", ("seed=x",), "seed='x' must be a whole number >= 0"),
     ("edit", ("device=tpu",), "device='tpu' is unknown"),
-    ("edit", ("method=nope",), "method=nope is unknown"),
     ("edit", ("image=<in>/none.png",), "image=<in>/none.png does not exist"),
-    ("edit", ("method=sdedit", "image=<in>/text.png"), "cannot read image <in>/text.png"),
+    ("edit", ("edit_method=sdedit", "image=<in>/text.png"), "cannot read image <in>/text.png"),
     ("edit", ("target=''",), "target is empty"),
-    ("edit", ("tau_c=abc",), "tau_c='abc' must be a number in [0, 1]"),
-    ("edit", ("style_diffusion.editing.tau_v=2",), "style_diffusion.editing.tau_v=2 must be a number in [0, 1]"),
-    ("edit", ("controller=swap",), "controller='swap' is unknown"),
-    ("edit", (*SWAP, "controller=replace"), "controller=replace swaps words one for one, but source has 3 words"),
-    ("edit", ("method=null_text_p2p", f"target={LONG}"), "more than the 75 the text encoder reads"),
-    ("edit", ("method=null_text_p2p", "blend_words=[red,green]"), "blend word 'red' is not in the source prompt"),
-    ("edit", ("image_encoder.path=<in>/encoder_bad", "image_encoder.build=null"),
+    ("edit", ("edit_method=null_text_p2p", "edit_method.tau_c=abc"), "tau_c='abc' must be a number in [0, 1]"),
+    ("edit", ("edit_method.editing.tau_v=2",), "edit_method.editing.tau_v=2 must be a number in [0, 1]"),
+    ("edit", ("edit_method.controller=swap",), "controller='swap' is unknown"),
+    ("edit", (*SWAP, "edit_method.controller=replace"),
+     "controller=replace swaps words one for one, but source has 3 words"),
+    ("edit", ("edit_method=null_text_p2p", f"target={LONG}"), "more than the 75 the text encoder reads"),
+    ("edit", ("edit_method=null_text_p2p", "edit_method.blend_words=[red,green]"),
+     "blend word 'red' is not in the source prompt"),
+    ("edit", ("edit_method.image_encoder.path=<in>/encoder_bad", "edit_method.image_encoder.build=null"),
      "image_encoder.path=<in>/encoder_bad is not a loadable CLIP vision model"),
-    ("edit", ("BARE", "model=sd15", "model.path=<in>/no_unet", "method=sdedit"), "has no unet/"),
+    ("edit", ("BARE", "model=sd15", "model.path=<in>/no_unet", "edit_method=sdedit"), "has no unet/"),
 ]
 
 SUBPROCESS = [
@@ -207,6 +206,8 @@ SUBPROCESS = [
     ("evaluate", ("metrics=nope",), "Could not find 'metrics/nope'"),
     ("evaluate", ("hydra.run.dir=<run>",), "<run> already holds a run (checkpoints); choose a new hydra.run.dir"),
     ("edit", ("model=nope",), "Could not find 'model/nope'"),
+    ("edit", ("edit_method=nope",),
+     "Could not find 'edit_method/nope'; available options in 'edit_method': ddim_word_swap, negative_prompt_p2p"),
     ("edit", ("hydra.run.dir=<run>",), "<run> already holds a run (checkpoints); choose a new hydra.run.dir"),
 ]
 

@@ -250,6 +250,13 @@ def test_training_run_writes_sample_grids_and_evaluations(tiny_dir, image_folder
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert list(checkpoint["state_dict"]) == ["tokens.rows.0.rows"]  # the metrics stay out of checkpoints
     assert not any(checkpoint["callbacks"].get(k) for k in checkpoint["callbacks"] if "Evaluation" in k)
+    out = tmp_path / "eval"  # the run's own artifact, through evaluate.py
+    run_evaluate("model=tiny", f"model.path={tiny_dir}", f"artifact={run}", "metrics=none", "seeds=[0]",
+                 "num_steps=2", "prompts=['a photo of a {}']", f"hydra.run.dir={out}")
+    names = json.loads((run / "learned_embeds.json").read_text())["names"]
+    samples = json.loads((out / "samples.json").read_text())
+    assert [s["prompt"] for s in samples["samples"]] == [f"a photo of a {' '.join(names)}"]
+    assert samples["artifact"] == [str(run / "learned_embeds.safetensors")]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -3,6 +3,7 @@ and the pretraining method end to end on a toy configuration."""
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 
@@ -141,8 +142,12 @@ def test_pretrain_runs_both_stages_and_exports_a_loadable_pipeline(tmp_path):
                                           f"module.unet_from={pipeline}", *overrides], out))
         return load_backbone(str(out / "pipeline"))
 
-    continued = continue_from_export("pretrain_b", tmp_path / "continued", "module.warmup=1")
+    continued = continue_from_export("pretrain_b", tmp_path / "continued", "module.warmup=1", "module.pixel_weight=0.1",
+                                     "trainer.log_every_n_steps=1")
     assert list(continued.unet.config.block_out_channels) == [32, 32, 64]  # the exported UNet, not pretrain_b's own
+    with open(tmp_path / "continued" / "csv" / "metrics.csv") as f:  # TokenCompose's pixel loss ran and was logged
+        pixel = [float(r["train/attention_pixel"]) for r in csv.DictReader(f) if r.get("train/attention_pixel")]
+    assert pixel and all(v > 0 for v in pixel)
     assert torch.equal(continued.text_encoders[0].get_input_embeddings().weight,
                        backbone.text_encoders[0].get_input_embeddings().weight)  # frozen: unchanged
 
@@ -169,7 +174,7 @@ def test_pretrain_rejects_missing_sources(tmp_path):
     (tmp_path / "vae").mkdir()
     with pytest.raises(ConfigError, match="module.vae_from replaces the autoencoder of module.init_from"):
         PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, vae_from=str(tmp_path))
-    with pytest.raises(ConfigError, match="module.attention_weight and module.object_weight must be >= 0"):
+    with pytest.raises(ConfigError, match="module.attention_weight, module.pixel_weight and module.object_weight must be >= 0"):
         PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, attention_weight=-1)
 
 
@@ -249,7 +254,7 @@ def _world_tokenizer(tmp_path, words):
 
 
 def test_caption_ids_equal_the_tokenizer(tmp_path):
-    from lightning_modules.pretrain import CaptionIds
+    from diffusion.clip_tokenizer import CaptionIds
 
     tokenizer = _world_tokenizer(tmp_path, vocabulary())
     sampler = SceneSampler(two_object_p=0.6, badge_p=0.5, parts_p=0.5)
@@ -262,7 +267,7 @@ def test_extended_vocabulary_keeps_every_known_token(tmp_path):
     """A new word gets a row (the mean); known words keep theirs, so old captions encode exactly as before."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lightning_modules.pretrain import extend_vocabulary
+    from diffusion.clip_tokenizer import extend_vocabulary
 
     old_words = [w for w in vocabulary() if w != "with"]
     tokenizer = _world_tokenizer(tmp_path, old_words)
@@ -285,7 +290,7 @@ def test_extended_vocabulary_keeps_every_known_token(tmp_path):
 
 def test_token_attention_loss_by_hand():
     """TokenCompose's token loss: (1 - share of a word's attention inside its region)^2, over words with a role."""
-    from lightning_modules.pretrain import region_masks, token_attention_loss
+    from diffusion.losses import region_masks, token_attention_loss
 
     masks = torch.zeros(1, 2, 4, 4)
     masks[0, 0, :2, :2] = 1  # object 0: the top-left quarter; no object 1; background: the other 3/4
@@ -301,6 +306,27 @@ def test_token_attention_loss_by_hand():
     assert token_attention_loss(focused, regions, roles)[0].item() == pytest.approx(0.0)
 
 
+
+def test_token_pixel_loss_by_hand_rewards_covering_the_region():
+    """TokenCompose's pixel loss: BCE of each word's attention probability per cell with its region; a map
+    that puts all its mass inside but in one cell (token loss 0) still pays for the region cells it misses."""
+    import math
+
+    from diffusion.losses import region_masks, token_attention_loss, token_pixel_loss
+
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, :2, :2] = 1
+    regions = region_masks(masks, (2, 2))  # object 0 in cell 0, the background in cells 1-3
+    roles = torch.tensor([[2]])  # one word, naming the background
+    peaked = torch.tensor([[[0.0], [0.9], [0.0], [0.0]]])  # inside only, one cell of three
+    covering = torch.tensor([[[0.0], [0.9], [0.9], [0.9]]])
+    assert token_attention_loss(peaked, regions, roles)[0].item() == pytest.approx(0.0)
+    clamp = 100.0  # BCE's log is clamped at -100
+    assert token_pixel_loss(peaked, regions, roles).item() == pytest.approx((-math.log(0.9) + 2 * clamp) / 4)
+    assert token_pixel_loss(covering, regions, roles).item() == pytest.approx(-3 * math.log(0.9) / 4)
+    assert token_pixel_loss(covering, regions, torch.tensor([[-1]])).item() == 0.0  # no word with a role
+
+
 def test_localisation_benchmark_reads_each_objects_own_words():
     """benchmarks/shapes_localisation.py: the first shape and colour word of each object (a named badge's outer
     ones), the background colour word, and the coverage-weighted inside / outside ratio."""
@@ -308,7 +334,7 @@ def test_localisation_benchmark_reads_each_objects_own_words():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from shapes_localisation import named_words, weighted_ratio
+    from shapes_localisation import named_words, threshold_iou, weighted_ratio
 
     badge = Badge("hexagon", "purple", "star", "yellow")
     scene = Scene("gray", [ObjectSpec("badge", "purple", 0.22, 0.3, 0.5, badge=badge, parts_named=True),
@@ -319,3 +345,7 @@ def test_localisation_benchmark_reads_each_objects_own_words():
     inside = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     assert weighted_ratio(attention, inside) == pytest.approx(4.0)
     assert weighted_ratio(torch.ones(2, 2), torch.tensor([[0.5, 0.5], [0.0, 0.0]])) == pytest.approx(1.0)
+    # EM's mask rule on a map: a peak in one cell of a two-cell region recovers half of it
+    region = torch.tensor([[1.0, 0.6], [0.0, 0.0]])  # the second cell is covered more than half: in
+    assert threshold_iou(attention, region) == pytest.approx(0.5)
+    assert threshold_iou(torch.tensor([[3.0, 2.0], [1.0, 1.0]]), region) == pytest.approx(1.0)

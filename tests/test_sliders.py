@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from datamodules.sliders import SliderPrompts, SliderTemplate, load_templates
+from tests.helpers import method_settings
 from tests.test_train import ROOT, run_train
 from utils.errors import ConfigError
 
@@ -93,7 +95,10 @@ def slider_module(tiny_dir, **kwargs):
     from lightning_modules.slider import SliderModule
 
     token = kwargs.pop("token", {"name": "<size>"})
-    module = SliderModule({"path": str(tiny_dir)}, token, optimizer=torch.optim.AdamW, **kwargs)
+    settings = OmegaConf.merge(method_settings("prompt_slider", "pool", "reference_code"),
+                               {k: kwargs.pop(k) for k in ("pool", "reference_code") if k in kwargs})
+    module = SliderModule({"path": str(tiny_dir)}, token, optimizer=torch.optim.AdamW,
+                          **OmegaConf.to_container(settings), **kwargs)
     module.configure_model()
     return module
 
@@ -155,6 +160,19 @@ def test_gradients_reach_only_the_token_row(tiny_dir):
     module.textual_loss(batch_of(SIZE, "blue star")).backward()
     trained = [p for p in module.parameters() if p.grad is not None]
     assert trained == [module.tokens.rows[0].rows] and module.tokens.rows[0].rows.grad.abs().sum() > 0
+
+
+def test_pool_and_reference_code_settings_are_the_yaml_keys():
+    """The yaml gives every value of module.pool and module.reference_code; a missing key is one line."""
+    from dataclasses import fields
+
+    from lightning_modules.slider import PoolSettings, ReferenceCodeSettings
+
+    yaml = method_settings("prompt_slider", "pool", "reference_code")
+    for key, cls in (("pool", PoolSettings), ("reference_code", ReferenceCodeSettings)):
+        assert set(yaml[key]) == {f.name for f in fields(cls)} and cls.from_config(yaml[key]).as_dict() == yaml[key]
+    with pytest.raises(ConfigError, match=r"^module\.pool is missing size; "):
+        PoolSettings.from_config({"num_steps": 25, "guidance_scale": 7.5})
 
 
 def test_reference_code_variant_trains_without_alpha(tiny_dir, monkeypatch):
@@ -304,7 +322,7 @@ def test_prompt_slider_run_loads_in_diffusers_and_sweeps_in_evaluate(slider_base
     assert json.loads((out / "grid.json").read_text())["columns"] == {"strength": [0, 1, 3]}
 
 
-def test_visual_slider_runs_end_to_end(slider_base, tmp_path):
+def test_visual_slider_runs_end_to_end(slider_base, tiny_dir, tmp_path):
     from PIL import Image, ImageDraw
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -321,6 +339,8 @@ def test_visual_slider_runs_end_to_end(slider_base, tmp_path):
     assert info["mode"] == "visual" and info["templates"] == ["a photo of a circle {}"]
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert torch.equal(load_file(run / "learned_embeds.safetensors")["<age>"], state["tokens.rows.0.rows"])
+    samples = evaluate_slider(run, tiny_dir, tmp_path, "strength=2")
+    assert [(s["prompt"], s.get("strength")) for s in samples] == [("a photo of a dog <age>", None)]
 
 
 def test_erase_run_changes_only_the_erased_words(slider_base, tiny_dir, tmp_path):
@@ -371,3 +391,15 @@ def test_concept_slider_exports_lora_that_diffusers_loads(slider_base, tiny_dir,
             outs[s] = backbone.predict(x, t, cond)
     torch.testing.assert_close(outs[0.0], base)
     assert not torch.allclose(outs[1.0], base) and not torch.allclose(outs[-1.0], outs[1.0])
+    samples = evaluate_slider(run, tiny_dir, tmp_path, "sweep={strength:[0,1]}")
+    assert [(s["prompt"], s["strength"]) for s in samples] == [("a photo of a dog", 0), ("a photo of a dog", 1)]
+
+
+def evaluate_slider(run, tiny_dir, tmp_path, *overrides: str) -> list[dict]:
+    """evaluate.py on a slider run (one seed, two steps): the samples it records."""
+    from tests.test_evaluation import run_evaluate
+
+    out = tmp_path / "eval"
+    run_evaluate("model=tiny", f"model.path={tiny_dir}", f"artifact={run}", "metrics=none", "seeds=[0]", "num_steps=2",
+                 "prompts=['a photo of a dog']", *overrides, f"hydra.run.dir={out}")
+    return json.loads((out / "samples.json").read_text())["samples"]

@@ -346,13 +346,13 @@ def test_method_config_composes(tmp_path, image_dir):
 
 
 def test_edit_config_shares_the_style_diffusion_settings(tmp_path):
-    """edit.py's style_diffusion.* and train.py's module.* come from the one settings file."""
+    """edit.py's edit_method.* (edit_method=style_diffusion) and train.py's module.* come from the one settings file."""
     train = compose_cfg("train", ["method=style_diffusion", "model=tiny", f"paths.cache_dir={tmp_path}"], tmp_path)
-    edit_cfg = compose_cfg("edit", ["style_diffusion.editing.tau_v=0.4"], tmp_path)
+    edit_cfg = compose_cfg("edit", ["edit_method=style_diffusion", "edit_method.editing.tau_v=0.4"], tmp_path)
     for key in ("mapping", "inner", "adam", "early_stop", "early_stop_growth", "attention_weight"):
-        assert edit_cfg.style_diffusion[key] == train.module[key], key
-    assert edit_cfg.style_diffusion.editing.tau_v == 0.4 and train.module.editing.tau_v == 0.6
-    assert edit_cfg.style_diffusion.editing.tau_u == train.module.editing.tau_u == 0.5
+        assert edit_cfg.edit_method[key] == train.module[key], key
+    assert edit_cfg.edit_method.editing.tau_v == 0.4 and train.module.editing.tau_v == 0.6
+    assert edit_cfg.edit_method.editing.tau_u == train.module.editing.tau_u == 0.5
 
 
 def test_the_default_images_are_shipped_and_reproducible(tmp_path):

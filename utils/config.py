@@ -33,9 +33,9 @@ def image_encoder_dir(build: str | None, cache_dir: str, metric_models_dir: str)
     return f"{metric_models_dir}/clip-vit-base-patch16"
 
 
-def model_config(name: str) -> DictConfig:
-    """conf/model/<name>.yaml as train.py composes it (paths resolved against the project root), for
-    scripts that load a backbone without an entry point's config."""
+def entry_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """conf/<config_name>.yaml as its entry point composes it (paths resolved against the project root), for
+    scripts that build a part of it (a backbone, an edit method) without the entry point."""
     import os
     from pathlib import Path
 
@@ -45,7 +45,12 @@ def model_config(name: str) -> DictConfig:
     os.environ.setdefault("PROJECT_ROOT", str(root))
     register_resolvers()
     with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"model={name}"]).model
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def model_config(name: str) -> DictConfig:
+    """conf/model/<name>.yaml as train.py composes it."""
+    return entry_config("train", [f"model={name}"]).model
 
 
 def instantiate_list(cfg: DictConfig | None) -> list:

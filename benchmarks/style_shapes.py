@@ -77,7 +77,8 @@ def reconstruct(out: Path, count: int, steps: int, encoder: str | None, adam: st
     encoder_dir = Path(encoder) if encoder else ROOT / ".cache" / "models" / "clip-vit-b16-random"
     backbone = load_backbone(str(ROOT / "models" / "shapes")).to(device)
     image_encoder = ensure_encoder(encoder_dir, None if encoder else "base").to(device)
-    fitter = StyleDiffusionFitter.create(backbone, image_encoder, FitSettings(steps, adam={"preset": adam}))
+    settings = FitSettings.from_yaml(steps, 7.5, adam={"preset": adam})  # Algorithm 1 as conf/style_diffusion sets it
+    fitter = StyleDiffusionFitter.create(backbone, image_encoder, settings)
     uncond = backbone.encode_prompt([""])
     rows, grid = [], []
     unknown = sorted(set(methods) - set(METHODS))

@@ -84,7 +84,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
 
     encoder = ensure_encoder(args.out / f"clip-vit-{args.encoder}", args.encoder).to(device)
-    fitter = StyleDiffusionFitter.create(backbone, encoder, FitSettings(n, w))
+    fitter = StyleDiffusionFitter.create(backbone, encoder, FitSettings.from_yaml(n, w))
     result: dict = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "T": n, "guidance_scale": w, "repeats": args.repeats}
 

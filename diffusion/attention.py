@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch

@@ -39,19 +39,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone
-from diffusion.image_encoder import ensure_encoder
+from diffusion.image_encoder import ImageEncoderSettings
 from diffusion.inversion import invert_latents, negative_prompt_inversion, null_text_inversion
+from diffusion.mapping import MappingSettings
 from diffusion.prompt_to_prompt import check_blend_words, edit_blend, edit_controller
 from diffusion.sampling import DDIMSchedule, ddim_invert, ddim_sample, sdedit_start
 from diffusion.style_editing import edit as style_edit
 from diffusion.style_inversion import FitSettings, StyleDiffusionFitter
 from utils.checks import check_whole, is_number
 from utils.errors import ConfigError, find_user_error
+from utils.settings import Settings
 
 KEY = "edit_method."  # where a setting sits in edit.py's config: its errors name it so
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "edit_method"
@@ -60,32 +63,71 @@ CONTROLLERS = ("auto", "replace", "refine")
 
 # ----- checks of the settings -------------------------------------------------------------------------
 def fraction(key: str, value, optional: bool = False) -> float | None:
-    """A share of the steps: a number in [0, 1] (None when `optional`)."""
+    """A share of the steps: a number in [0, 1] (None when `optional`); `key` names the setting in errors."""
     if optional and value is None:
         return None
     if not (is_number(value) and 0 <= value <= 1):
-        raise ConfigError(f"{KEY}{key}={value!r} must be a number in [0, 1] (a share of the steps)")
+        raise ConfigError(f"{key}={value!r} must be a number in [0, 1] (a share of the steps)")
     return float(value)
 
 
-def check_threshold(value) -> float:
+def check_threshold(value, key: str = f"{KEY}blend_threshold") -> float:
     """LocalBlend's threshold on max-normalised maps: above 1 leaves no mask (the edit returns the reconstruction)."""
     if not (is_number(value) and 0 <= value < float("inf")):
-        raise ConfigError(f"{KEY}blend_threshold={value!r} must be a number >= 0 (the maps are normalised to [0, 1])")
+        raise ConfigError(f"{key}={value!r} must be a number >= 0 (the maps are normalised to [0, 1])")
     return float(value)
 
 
-def check_strength(value) -> float:
+def check_strength(value, key: str = f"{KEY}strength") -> float:
     if not (is_number(value) and 0 <= value <= 1):
-        raise ConfigError(f"{KEY}strength={value!r} must be a number in [0, 1]; 0 keeps the image, 1 ignores it")
+        raise ConfigError(f"{key}={value!r} must be a number in [0, 1]; 0 keeps the image, 1 ignores it")
     return float(value)
 
 
-def check_controller(controller: str) -> str:
+def check_controller(controller: str, key: str = f"{KEY}controller") -> str:
     if controller not in CONTROLLERS:
-        raise ConfigError(f"{KEY}controller={controller!r} is unknown; use auto (replace for equal word counts, "
+        raise ConfigError(f"{key}={controller!r} is unknown; use auto (replace for equal word counts, "
                           f"else refine), replace or refine")
     return controller
+
+
+@dataclass(frozen=True)
+class StyleEditingSettings(Settings):
+    """StyleDiffusion's editing (module.editing): the taus of diffusion.style_editing.edit (tau_u None: plain
+    prompt-to-prompt), the P2Plus controller, LocalBlend and SDEdit's strength (None: P2Plus). train.py's module
+    reads them as one section (conf/style_diffusion/settings.yaml's taus, conf/method/style_diffusion.yaml's
+    rest); edit.py's StyleDiffusionEdit gathers them from its settings (EditMethodEditing). Its fields are
+    diffusion.style_editing.edit's keyword arguments."""
+
+    key = "module.editing"
+    where: ClassVar[dict[str, str]] = {}  # the settings that sit elsewhere than <key>.<name> in the config
+    tau_v: float
+    tau_c: float
+    tau_s: float
+    tau_u: float | None
+    controller: str
+    blend_words: list | str | None
+    blend_threshold: float
+    sdedit_strength: float | None
+
+    def name(self, field: str) -> str:
+        return self.where.get(field, f"{self.key}.{field}")
+
+    def __post_init__(self):
+        for tau in ("tau_v", "tau_c", "tau_s", "tau_u"):
+            fraction(self.name(tau), getattr(self, tau), optional=tau == "tau_u")
+        check_controller(self.controller, self.name("controller"))
+        check_threshold(self.blend_threshold, self.name("blend_threshold"))
+        if self.sdedit_strength is not None:
+            check_strength(self.sdedit_strength, self.name("sdedit_strength"))
+
+
+class EditMethodEditing(StyleEditingSettings):
+    """The same settings as edit.py names them: the taus under edit_method.editing, the rest at the top."""
+
+    key = f"{KEY}editing"
+    where = {"controller": f"{KEY}controller", "blend_words": f"{KEY}blend_words",
+             "blend_threshold": f"{KEY}blend_threshold", "sdedit_strength": f"{KEY}strength"}
 
 
 def check_controller_prompts(controller: str, source: str, target: str) -> None:
@@ -196,8 +238,8 @@ class PromptToPromptEdit(EditMethod):
     def __post_init__(self):
         super().__post_init__()
         check_controller(self.controller)
-        self.tau_c, self.tau_s = fraction("tau_c", self.tau_c), fraction("tau_s", self.tau_s)
-        self.tau_u = fraction("tau_u", self.tau_u, optional=True)
+        self.tau_c, self.tau_s = fraction(f"{KEY}tau_c", self.tau_c), fraction(f"{KEY}tau_s", self.tau_s)
+        self.tau_u = fraction(f"{KEY}tau_u", self.tau_u, optional=True)
         self.blend_threshold = check_threshold(self.blend_threshold)
 
     def check_prompts(self, source: str, target: str) -> None:
@@ -241,6 +283,12 @@ class NegativePromptP2P(PromptToPromptEdit):
                                  num_steps, guidance_scale, controller, blend)
 
 
+class EditMethodEncoder(ImageEncoderSettings):
+    """E's folder as edit.py names it (edit_method.image_encoder)."""
+
+    key = f"{KEY}image_encoder"
+
+
 @dataclass
 class StyleDiffusionEdit(EditMethod):
     """StyleDiffusion: Algorithm 1 on z_0's trajectory, then the P2Plus edit (or, with `strength`, SDEdit)."""
@@ -248,7 +296,7 @@ class StyleDiffusionEdit(EditMethod):
     image_encoder: dict      # {path, build}: E's folder, or the architecture of a random one built there
     map_resolution: int      # the trajectory's cross-attention maps (L_att)
     map_blocks: list
-    mapping: dict            # MappingNetwork's settings
+    mapping: dict            # MappingNetwork's settings (MappingSettings)
     inner: dict              # Algorithm 1's schedule, Adam, early stop and loss weight (FitSettings)
     adam: dict
     early_stop: float
@@ -263,16 +311,14 @@ class StyleDiffusionEdit(EditMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        check_controller(self.controller)
-        self.blend_threshold = check_threshold(self.blend_threshold)
         self.strength = check_strength(self.strength)
-        self.editing = {k: fraction(f"editing.{k}", v, optional=k == "tau_u") for k, v in self.editing.items()}
+        self.settings = EditMethodEditing.from_config({
+            **dict(self.editing), "controller": self.controller, "blend_words": self.blend_words,
+            "blend_threshold": self.blend_threshold, "sdedit_strength": self.strength if self.sdedit else None})
+        self.mapping = MappingSettings.from_config(self.mapping)
         self.fit_settings(self.num_steps, 7.5)  # a bad schedule or preset stops here
-        self.image_encoder = {"path": None, "build": None, **self.image_encoder}
-        path = self.image_encoder["path"]
-        if not self.image_encoder["build"] and (not path or not Path(str(path)).expanduser().exists()):
-            raise ConfigError(f"{KEY}image_encoder.path={path} does not exist; give a local CLIP vision model folder "
-                              f"or {KEY}image_encoder.build=base|tiny to build a random one there")
+        self.image_encoder = EditMethodEncoder.from_config(self.image_encoder)
+        self.image_encoder.check_folder()
 
     def fit_settings(self, num_steps: int, guidance_scale: float) -> FitSettings:
         return FitSettings(num_steps, guidance_scale, inner=self.inner, adam=self.adam, early_stop=self.early_stop,
@@ -287,20 +333,16 @@ class StyleDiffusionEdit(EditMethod):
 
     @torch.no_grad()
     def edit(self, backbone, z0, source, target, num_steps, guidance_scale, seed, pixels):
-        encoder = self.image_encoder
-        image_encoder = ensure_encoder(encoder["path"], encoder["build"], f"{KEY}image_encoder.path")
-        fitter = StyleDiffusionFitter.create(backbone, image_encoder.to(backbone.device),
-                                             self.fit_settings(num_steps, guidance_scale), **self.mapping)
+        fitter = StyleDiffusionFitter.create(backbone, self.image_encoder.load().to(backbone.device),
+                                             self.fit_settings(num_steps, guidance_scale), self.mapping)
         trajectory = invert_latents(backbone, z0, source, num_steps, self.map_resolution, tuple(self.map_blocks))
         pixels = pixels if pixels is not None else backbone.decode_latents(z0) * 2 - 1
         generator = torch.Generator(backbone.device).manual_seed(seed)
         with AttentionHub(backbone.unet) as hub:  # the UNet gets its processors back
             inversion = fitter.fit(hub, pixels.to(backbone.device, torch.float32), source, trajectory, "image",
                                    generator)
-            return style_edit(backbone, hub, inversion, [target], **self.editing, controller=self.controller,
-                              guidance_scale=guidance_scale, blend_words=self.blend_words,
-                              blend_threshold=self.blend_threshold,
-                              sdedit_strength=self.strength if self.sdedit else None)
+            return style_edit(backbone, hub, inversion, [target], guidance_scale=guidance_scale,
+                              **self.settings.as_dict())
 
 
 # ----- methods by name: conf/edit_method/<name>.yaml ------------------------------------------------

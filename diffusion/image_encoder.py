@@ -14,15 +14,19 @@ folder's preprocessor_config.json wins where it gives sizes or statistics).
 
 `build_random_encoder(path, size=...)` saves a random-initialised CLIP vision model (ViT-B/16 by
 default, "tiny" for tests) so the shapes world and the tests have an encoder without downloads.
+`ImageEncoderSettings` is the config's `image_encoder` section (path, build), read by train.py's module and
+edit.py's StyleDiffusionEdit alike.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from utils.errors import ConfigError
+from utils.settings import Settings, check_choice
 from utils.frozen_encoder import CLIP_MEAN, CLIP_STD, FrozenEncoder, load_weights, model_dir
 
 ENCODER_HINT = ("give a local CLIP vision model folder (e.g. a copy of openai/clip-vit-base-patch16), or build a "
@@ -93,3 +97,29 @@ def ensure_encoder(path: str | Path | None, build: str | None = None, key: str =
     if build and path is not None and not Path(path).expanduser().exists():
         build_random_encoder(Path(path).expanduser(), build)
     return ImageEncoder(path, key)
+
+
+@dataclass(frozen=True)
+class ImageEncoderSettings(Settings):
+    """module.image_encoder: E's folder `path`, and `build` (base | tiny: a random encoder of that architecture
+    built at path on first use; None: path must hold a CLIP vision model)."""
+
+    key = "module.image_encoder"
+    path: str | None
+    build: str | None
+
+    def __post_init__(self):
+        if self.build is not None:
+            check_choice(f"{self.key}.build", self.build, tuple(ENCODER_SIZES))
+        if not self.path:
+            raise ConfigError(f"{self.key}.path is not set; give a local CLIP vision model folder")
+
+    def check_folder(self) -> None:
+        """Without `build`, the folder must be there (checked before any model loads)."""
+        if not self.build and not Path(str(self.path)).expanduser().exists():
+            raise ConfigError(f"{self.key}.path={self.path} does not exist; give a local CLIP vision model folder "
+                              f"or {self.key}.build=base|tiny to build a random one there")
+
+    def load(self) -> ImageEncoder:
+        """The encoder (built first when `build` is set and the folder is missing)."""
+        return ensure_encoder(self.path, self.build, f"{self.key}.path")

@@ -20,13 +20,38 @@ centered at 0 with 0.01 standard deviation"). Two choices the paper leaves open:
 value input is FiLM on the source text embedding c: v_in = c * out[:77] + out[77:].
 
 `MappingNetworks` holds one M_t per sampling step (index i = 0 is the noisiest step, t = T) and
-does the warm start of Algorithm 1: M_i starts from M_{i-1}'s weights.
+does the warm start of Algorithm 1: M_i starts from M_{i-1}'s weights. `MappingSettings` is the config's
+`mapping` section (film, negative_slope, init_std; conf/style_diffusion/settings.yaml holds the values).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from utils.checks import is_number
+from utils.errors import ConfigError
+from utils.settings import Settings
+
+
+@dataclass(frozen=True)
+class MappingSettings(Settings):
+    """module.mapping: MappingNetwork's film, negative_slope and init_std (the yaml's values)."""
+
+    key = "module.mapping"
+    film: bool
+    negative_slope: float
+    init_std: float
+
+    def __post_init__(self):
+        if not isinstance(self.film, bool):
+            raise ConfigError(f"{self.key}.film={self.film!r} must be true or false")
+        if not is_number(self.negative_slope):
+            raise ConfigError(f"{self.key}.negative_slope={self.negative_slope!r} must be a number")
+        if not (is_number(self.init_std) and self.init_std > 0):
+            raise ConfigError(f"{self.key}.init_std={self.init_std!r} must be a number > 0")
 
 
 class MappingNetwork(nn.Module):

@@ -51,28 +51,32 @@ from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone, Conditioning
 from diffusion.image_encoder import ImageEncoder
 from diffusion.inversion import Trajectory, step_maps
-from diffusion.mapping import MappingNetworks
+from diffusion.mapping import MappingNetworks, MappingSettings
 from diffusion.sampling import DDIMSchedule, guided_epsilon
+from utils.checks import check_whole, is_number
 from utils.errors import ArtifactError, ConfigError
 from utils.io import write_json, write_safetensors
+from utils.settings import Settings, check_choice
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "mapping_networks.safetensors"
 INFO_FILE = "style_diffusion.json"
+SETTINGS_YAML = Path(__file__).resolve().parents[1] / "conf" / "style_diffusion" / "settings.yaml"
 INNER_RATES = {"paper": 1.0, "code": 0.1}  # K_i = ceil(K exp(-rate i))
+# the named Adam presets (module.adam.preset): the paper's numbers and the authors' code's
 ADAM_PRESETS = {"paper": {"lr": 1e-4, "betas": (0.0, 0.999), "lr_decay": 0.0},    # Sec. 4.1
-                "code": {"lr": 1e-2, "betas": (0.9, 0.999), "lr_decay": 1e-2}}    # lr 1e-2 (1 - i/100)
+                "code": {"lr": 1e-2, "betas": (0.9, 0.999), "lr_decay": 1e-2}}    # authors' code: lr 1e-2 (1 - i/100)
 
 
-def inner_iterations(i: int, K: int = 100, schedule: str = "paper") -> int:
+def inner_iterations(i: int, K: int, schedule: str) -> int:
     """K_i of sampling step i (0 = the noisiest): ceil(K exp(-rate i)), rate 1 (paper) or 0.1 (code)."""
     if schedule not in INNER_RATES:
         raise ConfigError(f"module.inner.schedule={schedule!r} is unknown; use one of {sorted(INNER_RATES)}")
     return max(1, math.ceil(K * math.exp(-INNER_RATES[schedule] * i)))
 
 
-def adam_settings(preset: str = "paper", lr: float | None = None, betas: Sequence[float] | None = None,
+def adam_settings(preset: str, lr: float | None = None, betas: Sequence[float] | None = None,
                   lr_decay: float | None = None) -> dict:
     """{lr, betas, lr_decay} of a preset (paper | code) with explicit values overriding it."""
     if preset not in ADAM_PRESETS:
@@ -84,37 +88,90 @@ def adam_settings(preset: str = "paper", lr: float | None = None, betas: Sequenc
     return out
 
 
+@dataclass(frozen=True)
+class InnerSettings(Settings):
+    """module.inner: Algorithm 1's starting number of inner iterations K and the schedule (paper | code)."""
+
+    key = "module.inner"
+    K: int
+    schedule: str
+
+    def __post_init__(self):
+        check_whole(f"{self.key}.K", self.K, 1)
+        check_choice(f"{self.key}.schedule", self.schedule, tuple(INNER_RATES))
+
+
+@dataclass(frozen=True)
+class AdamSettings(Settings):
+    """module.adam: a preset of ADAM_PRESETS (paper | code) and the values that override it (None: the preset's)."""
+
+    key = "module.adam"
+    preset: str
+    lr: float | None
+    betas: Sequence[float] | None
+    lr_decay: float | None
+
+    def __post_init__(self):
+        check_choice(f"{self.key}.preset", self.preset, tuple(ADAM_PRESETS))
+        for name in ("lr", "lr_decay"):
+            value = getattr(self, name)
+            if value is not None and not is_number(value):
+                raise ConfigError(f"{self.key}.{name}={value!r} must be a number (or null: the preset's)")
+        if self.betas is not None and not (len(self.betas) == 2 and all(is_number(b) for b in self.betas)):
+            raise ConfigError(f"{self.key}.betas={self.betas!r} must be two numbers (or null: the preset's)")
+
+    def resolved(self) -> dict:
+        """{lr, betas, lr_decay}: the preset's values with the set ones replacing them."""
+        return adam_settings(self.preset, self.lr, self.betas, self.lr_decay)
+
+
 @dataclass
 class FitSettings:
     """What Algorithm 1 reads besides the image: T, w, the inner-iteration schedule, Adam, early stop, loss weight.
 
-    `inner` and `adam` take the config's form ({K, schedule}; {preset, lr, betas, lr_decay}) and hold the
-    resolved values after construction; a bad schedule or preset stops here, before any model is loaded.
+    `inner` and `adam` take the config's sections (dicts, checked by `from_config`, or the settings); a bad
+    schedule or preset stops here, before any model is loaded. `from_yaml` gives conf/style_diffusion/settings.yaml's
+    values to callers without a config.
     """
 
-    num_steps: int = 30
-    guidance_scale: float = 7.5
-    inner: dict = field(default_factory=dict)
-    adam: dict = field(default_factory=dict)
-    early_stop: float = 1e-5
-    early_stop_growth: float = 2e-5
-    attention_weight: float = 1.0
+    num_steps: int
+    guidance_scale: float
+    inner: InnerSettings
+    adam: AdamSettings
+    early_stop: float
+    early_stop_growth: float
+    attention_weight: float
     map_blocks: tuple[str, ...] = ("down", "up")  # the UNet blocks whose 16x16 maps L_att compares (the trajectory's)
 
     def __post_init__(self):
         self.num_steps, self.guidance_scale = int(self.num_steps), float(self.guidance_scale)
-        self.inner = {"K": 100, "schedule": "paper", **dict(self.inner or {})}
-        self.inner_iterations(0)  # check the schedule's name now
-        self.adam = adam_settings(**{"preset": "paper", **dict(self.adam or {})})
+        self.inner = InnerSettings.from_config(self.inner)
+        self.adam = AdamSettings.from_config(self.adam)
         self.early_stop, self.early_stop_growth = float(self.early_stop), float(self.early_stop_growth)
         self.attention_weight = float(self.attention_weight)
         self.map_blocks = tuple(self.map_blocks)
 
+    @classmethod
+    def from_yaml(cls, num_steps: int, guidance_scale: float, **overrides) -> FitSettings:
+        """conf/style_diffusion/settings.yaml's Algorithm 1, `overrides` replacing its values (nested dicts merge)."""
+        from omegaconf import OmegaConf
+
+        yaml = OmegaConf.load(SETTINGS_YAML)
+        fields = ("inner", "adam", "early_stop", "early_stop_growth", "attention_weight")
+        values = OmegaConf.to_container(OmegaConf.merge({k: yaml[k] for k in fields}, overrides))
+        return cls(num_steps, guidance_scale, **values)
+
+    @property
+    def optimizer(self) -> dict:
+        """Adam's resolved {lr, betas, lr_decay}."""
+        return self.adam.resolved()
+
     def inner_iterations(self, i: int) -> int:
-        return inner_iterations(i, self.inner["K"], self.inner["schedule"])
+        return inner_iterations(i, self.inner.K, self.inner.schedule)
 
     def step_lr(self, i: int) -> float:
-        return self.adam["lr"] * (1 - i * self.adam["lr_decay"])
+        adam = self.optimizer
+        return adam["lr"] * (1 - i * adam["lr_decay"])
 
     def step_threshold(self, i: int) -> float:
         return self.early_stop + i * self.early_stop_growth
@@ -176,9 +233,11 @@ class StyleDiffusionFitter:
 
     @classmethod
     def create(cls, backbone: Backbone, encoder: ImageEncoder, settings: FitSettings,
-               **mapping) -> "StyleDiffusionFitter":
+               mapping: MappingSettings | dict | None = None) -> "StyleDiffusionFitter":
         """A fitter with T mapping networks sized for the encoder's tokens and the UNet's width (`mapping`:
-        MappingNetwork's film, negative_slope, init_std), on the backbone's device."""
+        MappingNetwork's film, negative_slope, init_std; None: MappingNetwork's Table 1 network), on the
+        backbone's device."""
+        mapping = {} if mapping is None else MappingSettings.from_config(mapping).as_dict()
         width = backbone.unet.config.cross_attention_dim
         mappings = MappingNetworks(
             settings.num_steps, tokens_in=encoder.num_tokens, tokens_out=backbone.tokenizers[0].model_max_length,
@@ -190,9 +249,9 @@ class StyleDiffusionFitter:
 
     def new_optimizer(self) -> torch.optim.Adam:
         """One Adam, a parameter group per M_i (its lr is set when step i is trained)."""
-        lr = self.settings.adam["lr"]
-        groups = [{"params": list(net.parameters()), "lr": lr} for net in self.mappings.nets]
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(self.settings.adam["betas"]))
+        adam = self.settings.optimizer
+        groups = [{"params": list(net.parameters()), "lr": adam["lr"]} for net in self.mappings.nets]
+        return torch.optim.Adam(groups, lr=adam["lr"], betas=tuple(adam["betas"]))
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -15,20 +15,27 @@ style_diffusion.json with the settings), so a run's checkpoint only holds the im
 
 Replay and editing. `reconstruct` and `edit` apply diffusion/style_editing.py to the latest inversion or
 an exported folder, with `module.editing`'s taus, controller, LocalBlend and SDEdit settings.
+
+Settings. The sections are typed (utils/settings.py): `module.image_encoder` (ImageEncoderSettings),
+`module.mapping` (MappingSettings), `module.inner` / `module.adam` (FitSettings' InnerSettings, AdamSettings)
+and `module.editing` (StyleEditingSettings, shared with edit.py's StyleDiffusionEdit); the yamls
+conf/style_diffusion/settings.yaml and conf/method/style_diffusion.yaml hold every default.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from diffusion.backbone import Backbone
-from diffusion.image_encoder import ENCODER_KEY, ImageEncoder, ensure_encoder
+from diffusion.editing import StyleEditingSettings
+from diffusion.image_encoder import ImageEncoder, ImageEncoderSettings
 from diffusion.inversion import Trajectory
-from diffusion.mapping import MappingNetworks
+from diffusion.mapping import MappingNetworks, MappingSettings
 from diffusion.style_editing import edit, reconstruct
 from diffusion.style_inversion import FitSettings, StyleDiffusionFitter, StyleInversion, load_inversion, save_inversion
 from lightning_modules.base import DiffusionModule
@@ -41,28 +48,24 @@ log = logging.getLogger(__name__)
 class StyleDiffusionModule(DiffusionModule):
     """Algorithm 1 of StyleDiffusion, one image per training step (see the module docstring)."""
 
-    def __init__(self, backbone: dict, image_encoder: dict, num_steps: int = 30, guidance_scale: float = 7.5,
-                 mapping: dict | None = None, inner: dict | None = None, adam: dict | None = None,
-                 early_stop: float = 1e-5, early_stop_growth: float = 2e-5, attention_weight: float = 1.0,
-                 editing: dict | None = None, out_dir: str | None = None, seed: int = 0):
+    def __init__(self, backbone: dict, image_encoder: dict, num_steps: int, guidance_scale: float, mapping: dict,
+                 inner: dict, adam: dict, early_stop: float, early_stop_growth: float, attention_weight: float,
+                 editing: dict, out_dir: str | None = None, seed: int = 0):
         super().__init__(backbone, optimizer=None, lr_scheduler=None, seed=seed)
         self.automatic_optimization = False
-        self.encoder_config = {"path": None, "build": None, **dict(image_encoder)}
-        if not self.encoder_config["path"]:
-            raise ConfigError(f"{ENCODER_KEY} is not set; give a local CLIP vision model folder")
+        self.encoder_settings = ImageEncoderSettings.from_config(image_encoder)
         self.settings = FitSettings(num_steps, guidance_scale, inner=inner, adam=adam, early_stop=early_stop,
                                     early_stop_growth=early_stop_growth,
                                     attention_weight=attention_weight)  # checks the schedule and Adam preset now
-        self.inner, self.adam = self.settings.inner, self.settings.adam  # resolved: hparams and exports name them
-        self.mapping_config = {"film": False, "negative_slope": 0.01, "init_std": 0.01, **dict(mapping or {})}
-        self.editing = {"tau_v": 0.6, "tau_c": 0.6, "tau_s": 0.8, "tau_u": 0.5, "controller": "auto",
-                        "blend_words": None, "blend_threshold": 0.3, "sdedit_strength": None, **dict(editing or {})}
+        self.inner, self.adam = self.settings.inner.as_dict(), self.settings.optimizer  # hparams and exports name them
+        self.mapping = MappingSettings.from_config(mapping)
+        self.editing = StyleEditingSettings.from_config(editing)
         self.out_dir = Path(out_dir) if out_dir else None
-        self.save_hyperparameters({"backbone": self.backbone_config, "image_encoder": self.encoder_config,
+        self.save_hyperparameters({"backbone": self.backbone_config, "image_encoder": self.encoder_settings.as_dict(),
                                    "num_steps": num_steps, "guidance_scale": guidance_scale,
-                                   "mapping": self.mapping_config, "inner": self.inner, "adam": self.adam,
+                                   "mapping": self.mapping.as_dict(), "inner": self.inner, "adam": self.adam,
                                    "early_stop": early_stop, "early_stop_growth": early_stop_growth,
-                                   "attention_weight": attention_weight, "editing": self.editing,
+                                   "attention_weight": attention_weight, "editing": self.editing.as_dict(),
                                    "seed": seed}, logger=False)
         self.fitter: StyleDiffusionFitter | None = None
         self.encoder: ImageEncoder | None = None
@@ -73,10 +76,8 @@ class StyleDiffusionModule(DiffusionModule):
 
     # ----- model ----------------------------------------------------------------------------------
     def build(self, backbone: Backbone) -> None:
-        encoder = ensure_encoder(self.encoder_config["path"], self.encoder_config.get("build"),
-                                 self.encoder_config.get("key", ENCODER_KEY))
-        encoder.to(backbone.device)
-        self.fitter = StyleDiffusionFitter.create(backbone, encoder, self.settings, **self.mapping_config)
+        encoder = self.encoder_settings.load().to(backbone.device)
+        self.fitter = StyleDiffusionFitter.create(backbone, encoder, self.settings, self.mapping)
         self.encoder, self.mappings = self.fitter.encoder, self.fitter.mappings  # submodules: moved and checkpointed
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -148,19 +149,22 @@ class StyleDiffusionModule(DiffusionModule):
     @torch.no_grad()
     def edit(self, targets: Sequence[str] | str, image: StyleInversion | str | Path | None = None,
              decode: bool = True, **settings) -> torch.Tensor:
-        """[source replay, edits...] of an inverted image; settings override module.editing."""
-        cfg = {**self.editing, **settings}
-        z = edit(self.backbone, self.attention_hub(), self._inversion(image), targets, cfg["tau_v"], cfg["tau_c"],
-                 cfg["tau_s"], cfg["tau_u"], cfg["controller"], blend_words=cfg["blend_words"],
-                 blend_threshold=cfg["blend_threshold"], sdedit_strength=cfg["sdedit_strength"])
+        """[source replay, edits...] of an inverted image; settings (StyleEditingSettings' names) override
+        module.editing for this call."""
+        unknown = sorted(set(settings) - set(self.editing.as_dict()))
+        if unknown:
+            raise ConfigError(f"{StyleEditingSettings.key}.{unknown[0]} is unknown; use one of "
+                              f"{tuple(self.editing.as_dict())}")
+        cfg = replace(self.editing, **settings)  # checked again
+        z = edit(self.backbone, self.attention_hub(), self._inversion(image), targets, **cfg.as_dict())
         return self.backbone.decode_latents(z) if decode else z
 
     def _export(self, root: Path, inversion: StyleInversion) -> list[Path]:
         s = self.settings
-        extra = {**self.backbone_identity(), "image_encoder": Path(str(self.encoder_config["path"])).name,
+        extra = {**self.backbone_identity(), "image_encoder": Path(str(self.encoder_settings.path)).name,
                  "inner": self.inner,
                  "adam": {**self.adam, "betas": list(self.adam["betas"])}, "attention_weight": s.attention_weight,
-                 "early_stop": [s.early_stop, s.early_stop_growth], "editing": self.editing}
+                 "early_stop": [s.early_stop, s.early_stop_growth], "editing": self.editing.as_dict()}
         paths = save_inversion(root / "style_diffusion" / inversion.name, inversion, extra)
         log.info("wrote %s", paths[0].parent)
         return paths

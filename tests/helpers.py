@@ -4,17 +4,20 @@ train.py runs with +callbacks.<name>._target_=tests.helpers.<Class>."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from utils.config import register_resolvers
+from utils.errors import ConfigError
 from utils.io import AtomicCheckpointIO, atomic_path
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -35,9 +38,37 @@ def compose_cfg(config_name: str, overrides: list[str], output_dir: Path):
 
 def method_settings(method: str, *keys: str) -> dict:
     """conf/method/<method>.yaml's module section (unresolved), only `keys`: the defaults a module's code leaves
-    to the yaml, for tests that build the module directly."""
-    module = OmegaConf.to_container(OmegaConf.load(CONF / "method" / f"{method}.yaml").module, resolve=False)
+    to the yaml, for tests that build the module directly. Config files its defaults list reads into the module
+    (`/<group>@module: <name>`) come first, the method's own values over them, as Hydra composes them."""
+    cfg = OmegaConf.load(CONF / "method" / f"{method}.yaml")
+    sections = []
+    for entry in cfg.get("defaults") or []:
+        for target, name in (entry.items() if isinstance(entry, DictConfig) else ()):
+            group, _, package = str(target).lstrip("/").partition("@")
+            if package == "module":
+                sections.append(OmegaConf.load(CONF / group / f"{name}.yaml"))
+    module = OmegaConf.to_container(OmegaConf.merge(*sections, cfg.module), resolve=False)
     return {k: module[k] for k in keys}
+
+
+def style_diffusion_settings(**overrides) -> dict:
+    """StyleDiffusionModule's settings from conf/style_diffusion/settings.yaml and conf/method/style_diffusion.yaml
+    (less what a run fills in: backbone, image_encoder, num_steps, out_dir, seed), `overrides` replacing their
+    values (nested dicts merge)."""
+    yaml = method_settings("style_diffusion", "guidance_scale", "mapping", "inner", "adam", "early_stop",
+                           "early_stop_growth", "attention_weight", "editing")
+    return OmegaConf.to_container(OmegaConf.merge(yaml, overrides))
+
+
+def assert_missing_and_unknown(cls, values: dict, key: str) -> None:
+    """A Settings class's `from_config` stops `values` less `key`, and `values` with an unknown key, each with a
+    one-line ConfigError naming the section."""
+    section = re.escape(cls.key)
+    with pytest.raises(ConfigError, match=rf"^{section} is missing {key}; ") as missing:
+        cls.from_config({k: v for k, v in values.items() if k != key})
+    assert "\n" not in str(missing.value)
+    with pytest.raises(ConfigError, match=rf"^{section}\.colour is unknown"):
+        cls.from_config({**values, "colour": 1})
 
 
 class KillAtStep(L.Callback):

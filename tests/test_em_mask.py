@@ -16,7 +16,7 @@ from datamodules.shapes.scenes import write_scene_set
 from diffusion.concept_masks import EMSettings, JointSettings, LossSettings, PriorSettings, draw_subset
 from diffusion.losses import cross_attention_loss, downsample_mask, masked_diffusion_loss
 from lightning_modules.em_mask import EMMaskModule
-from tests.helpers import method_settings
+from tests.helpers import assert_missing_and_unknown, method_settings
 from tests.test_train import run_train
 from utils.errors import ConfigError, DataError
 
@@ -254,11 +254,7 @@ def test_settings_reject_unknown_choices_and_missing_keys(section, key):
     with pytest.raises(ConfigError, match=rf"^module\.{section}\.{key}='x' is unknown; use one of \(") as bad:
         cls.from_config({**values, key: "x"})
     assert "\n" not in str(bad.value)
-    with pytest.raises(ConfigError, match=rf"^module\.{section} is missing {key}; ") as missing:
-        cls.from_config({k: v for k, v in values.items() if k != key})
-    assert "\n" not in str(missing.value)
-    with pytest.raises(ConfigError, match=rf"^module\.{section}\.colour is unknown"):
-        cls.from_config({**values, "colour": 1})
+    assert_missing_and_unknown(cls, values, key)
     with pytest.raises(ConfigError, match=r"^module\.joint\.prior is missing prompt, weight; "):
         JointSettings.from_config({**yaml_settings()["joint"], "prior": {"images_dir": None}})
 

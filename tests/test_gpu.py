@@ -114,10 +114,11 @@ def test_style_diffusion_fits_replays_and_edits_on_gpu(tiny_dir, tmp_path):
     from diffusion.inversion import invert_latents
     from diffusion.style_editing import edit, reconstruct
     from lightning_modules.style_diffusion import StyleDiffusionModule
+    from tests.helpers import style_diffusion_settings
 
     encoder = build_random_encoder(tmp_path / "clip-tiny", size="tiny")
-    module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder)}, num_steps=2,
-                                  inner={"K": 2, "schedule": "paper"})
+    module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder), "build": None}, num_steps=2,
+                                  **style_diffusion_settings(inner={"K": 2, "schedule": "paper"}))
     module.configure_model()
     module.to("cuda")
     backbone = module.backbone

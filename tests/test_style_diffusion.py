@@ -4,7 +4,9 @@ replay and P2Plus editing, the exported artifacts and the method config."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -17,14 +19,16 @@ from PIL import Image
 from callbacks.artifact_export import ArtifactExport
 from datamodules.trajectories import TrajectoryDataModule
 from diffusion.attention import AttentionHub, AttentionReplace, AttentionStore
-from diffusion.image_encoder import ImageEncoder, build_random_encoder
+from diffusion.editing import StyleEditingSettings
+from diffusion.image_encoder import ImageEncoder, ImageEncoderSettings, build_random_encoder
 from diffusion.inversion import reconstruct as replay_with_uncond
-from diffusion.mapping import MappingNetwork, MappingNetworks
+from diffusion.mapping import MappingNetwork, MappingNetworks, MappingSettings
 from diffusion.sampling import generate
 from diffusion.style_editing import edit, reconstruct
-from diffusion.style_inversion import adam_settings, inner_iterations, load_inversion, save_inversion
+from diffusion.style_inversion import (AdamSettings, FitSettings, InnerSettings, adam_settings, inner_iterations,
+                                      load_inversion, save_inversion)
 from lightning_modules.style_diffusion import StyleDiffusionModule
-from tests.helpers import compose_cfg
+from tests.helpers import assert_missing_and_unknown, compose_cfg, method_settings, style_diffusion_settings
 from utils.errors import ConfigError
 
 PROMPT = "a red circle"
@@ -52,10 +56,15 @@ def image_dir(tiny_dir, tmp_path_factory):
     return folder
 
 
+def encoder_settings(encoder_dir) -> dict:
+    return {"path": str(encoder_dir), "build": None}
+
+
 def make_module(tiny_dir, encoder_dir, **kwargs) -> StyleDiffusionModule:
-    settings = dict(num_steps=T, inner={"K": 30, "schedule": "paper"}, adam={"preset": "code", "lr": 1e-2})
-    settings.update(kwargs)
-    module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder_dir)}, **settings)
+    """The yaml's settings with T = 3, K = 30 (paper schedule) and the code's Adam at lr 1e-2, then kwargs."""
+    settings = style_diffusion_settings(**{"inner": {"K": 30, "schedule": "paper"},
+                                           "adam": {"preset": "code", "lr": 1e-2}, **kwargs})
+    module = StyleDiffusionModule({"path": str(tiny_dir)}, encoder_settings(encoder_dir), num_steps=T, **settings)
     module.configure_model()
     return module
 
@@ -281,8 +290,8 @@ def test_exported_inversion_replays_the_same(fitted, tmp_path):
 
 def test_lightning_fit_inverts_every_image_once(tiny_dir, encoder_dir, image_dir, tmp_path):
     """One training step per image, one optimizer step per inner iteration; the run stops by itself."""
-    module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder_dir)}, num_steps=T,
-                                  inner={"K": 2}, out_dir=str(tmp_path / "run"))
+    module = StyleDiffusionModule({"path": str(tiny_dir)}, encoder_settings(encoder_dir), num_steps=T,
+                                  out_dir=str(tmp_path / "run"), **style_diffusion_settings(inner={"K": 2}))
     data = TrajectoryDataModule(str(image_dir), "tiny", str(tmp_path / "cache"), resolution=64, num_steps=T)
     trainer = L.Trainer(accelerator="cpu", max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -313,8 +322,8 @@ def test_resumed_fit_continues_with_the_next_image(tiny_dir, encoder_dir, image_
             trainer.should_stop = True
 
     def fit(root: str, callbacks=(), ckpt_path=None) -> StyleDiffusionModule:
-        module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder_dir)}, num_steps=T,
-                                      inner={"K": 2})
+        module = StyleDiffusionModule({"path": str(tiny_dir)}, encoder_settings(encoder_dir), num_steps=T,
+                                      **style_diffusion_settings(inner={"K": 2}))
         data = TrajectoryDataModule(str(folder), "tiny", str(tmp_path / "cache"), resolution=64, num_steps=T)
         trainer = L.Trainer(accelerator="cpu", max_steps=-1, max_epochs=-1, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
@@ -341,8 +350,66 @@ def test_method_config_composes(tmp_path, image_dir):
     module = instantiate(cfg.module)
     assert isinstance(data, TrajectoryDataModule) and isinstance(module, StyleDiffusionModule)
     assert module.adam == {"lr": 1e-4, "betas": (0.0, 0.999), "lr_decay": 0.0}
-    assert module.editing["tau_v"] == 0.6 and module.editing["blend_words"] is None and module.inner["K"] == 100
+    assert module.editing.tau_v == 0.6 and module.editing.blend_words is None and module.inner["K"] == 100
     assert cfg.callbacks.sample_grid is None and cfg.callbacks.model_checkpoint.every_n_train_steps == 1
+
+
+SECTIONS = {"mapping": MappingSettings, "inner": InnerSettings, "adam": AdamSettings, "editing": StyleEditingSettings,
+            "image_encoder": ImageEncoderSettings}
+
+
+def yaml_sections() -> dict:
+    """The module's typed sections as the yamls give them (image_encoder unresolved: its interpolations)."""
+    return method_settings("style_diffusion", *SECTIONS)
+
+
+def test_settings_fields_are_the_yaml_keys():
+    """The yamls hold every default and the dataclasses name every key, for train.py's module.* and edit.py's
+    edit_method.* alike: neither can drift from the other."""
+    from omegaconf import OmegaConf
+
+    yaml = yaml_sections()
+    for section, cls in SECTIONS.items():
+        assert set(yaml[section]) == {f.name for f in fields(cls)}, section
+    for section in ("mapping", "inner", "adam"):
+        assert SECTIONS[section].from_config(yaml[section]).as_dict() == yaml[section], section
+    assert StyleEditingSettings.from_config(yaml["editing"]).as_dict() == yaml["editing"]
+    fit = FitSettings.from_yaml(T, 7.5, adam={"preset": "code"})  # Python callers without a config: the yaml's
+    assert fit.inner.as_dict() == yaml["inner"] and fit.adam.as_dict() == {**yaml["adam"], "preset": "code"}
+    assert fit.optimizer == adam_settings("code") and fit.early_stop == 1e-5
+    edit_yaml = OmegaConf.load(Path(__file__).parents[1] / "conf" / "edit_method" / "style_diffusion.yaml")
+    assert set(edit_yaml.image_encoder) == {f.name for f in fields(ImageEncoderSettings)}
+    taus = set(OmegaConf.load(Path(__file__).parents[1] / "conf" / "style_diffusion" / "settings.yaml").editing)
+    rest = {f.name for f in fields(StyleEditingSettings)} - taus  # edit.py's top-level settings (strength: SDEdit's)
+    assert rest - {"sdedit_strength"} <= set(edit_yaml) and {"sdedit", "strength"} <= set(edit_yaml)
+
+
+@pytest.mark.parametrize("section, key, bad, message", [
+    ("mapping", "film", "yes", "must be true or false"), ("mapping", "init_std", 0, "must be a number > 0"),
+    ("inner", "K", 0, "must be a whole number >= 1"), ("inner", "schedule", "fast", "is unknown; use one of"),
+    ("adam", "preset", "fast", "is unknown; use one of"), ("adam", "betas", [0.9], "must be two numbers"),
+    ("editing", "tau_v", 2, r"must be a number in \[0, 1\]"), ("editing", "tau_c", None, "must be a number"),
+    ("editing", "controller", "swap", "is unknown; use auto"),
+    ("editing", "blend_threshold", -1, "must be a number >= 0"),
+    ("editing", "sdedit_strength", 1.5, r"must be a number in \[0, 1\]"),
+    ("image_encoder", "build", "huge", "is unknown; use one of"), ("image_encoder", "path", None, "is not set")])
+def test_settings_reject_bad_values_and_missing_keys(section, key, bad, message):
+    cls, values = SECTIONS[section], yaml_sections()[section]
+    values = {"path": "/encoder", "build": None} if section == "image_encoder" else values  # the yaml's interpolate
+    shown = "" if bad is None and key == "path" else rf"={re.escape(repr(bad))}"
+    with pytest.raises(ConfigError, match=rf"^module\.{section}\.{key}{shown} {message}") as error:
+        cls.from_config({**values, key: bad})
+    assert "\n" not in str(error.value)
+    assert_missing_and_unknown(cls, values, key)
+
+
+def test_module_edit_overrides_are_checked(fitted):
+    module = fitted[0]
+    with pytest.raises(ConfigError, match=r"^module\.editing\.tau_v=2 must be a number in \[0, 1\]"):
+        module.edit(["a red square"], tau_v=2)
+    with pytest.raises(ConfigError, match=r"^module\.editing\.colour is unknown"):
+        module.edit(["a red square"], colour=1)
+    assert module.editing.tau_v == 0.6  # a call's overrides leave the module's settings be
 
 
 def test_edit_config_shares_the_style_diffusion_settings(tmp_path):

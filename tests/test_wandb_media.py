@@ -35,3 +35,19 @@ def test_offline_wandb_run_holds_the_table_grid_and_artifact(tmp_path):
     assert b"rows: 0: prompt=a medium <concept>" in record and b"on a white background; 1: prompt=" in record
     assert b"columns: seed = 0, 1" in record
     assert b"textual_inversion-" in record and b"learned_embeds.safetensors" in record  # the artifact
+
+
+def test_wandb_table_takes_a_sweep_with_its_over_the_sweep_row(monkeypatch):
+    """A swept evaluation's rows hold the values (numbers) and "all" (metrics over the sweep) in one column."""
+    import types
+
+    from utils import loggers
+
+    logged = []
+    run = types.SimpleNamespace(log=lambda data, step: logged.append(data))
+    monkeypatch.setattr(loggers, "wandb_runs", lambda trainer: [run])
+    rows = [{"step": 3, "strength": 0, "attributes/shape": 1.0}, {"step": 3, "strength": 3, "attributes/shape": 0.5},
+            {"step": 3, "strength": "all", "size_slope/spearman": 0.9}]
+    loggers.log_wandb_table(types.SimpleNamespace(global_step=3), "eval/table", rows)
+    (table,) = [data["eval/table"] for data in logged]
+    assert [row[1] for row in table.data] == ["0", "3", "all"] and table.data[2][3] == 0.9

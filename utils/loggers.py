@@ -49,7 +49,12 @@ def log_wandb_table(trainer, key: str, rows: list[dict]) -> None:
     import wandb
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+    data = [[row.get(c) for c in columns] for row in rows]
+    for i in range(len(columns)):  # wandb refuses a column of numbers and strings (a sweep's values and "all")
+        if any(isinstance(r[i], str) for r in data) and any(isinstance(r[i], (int, float)) for r in data):
+            for r in data:
+                r[i] = None if r[i] is None else str(r[i])
+    table = wandb.Table(columns=columns, data=data)
     for run in runs:
         run.log({key: table}, step=trainer.global_step)
 

@@ -73,7 +73,7 @@ def prepare(cfg: DictConfig):
     """Everything a bad config can break, checked before a model is loaded or a process spawned:
     the metric set (backbone paths), the sweep, the references, the prompts and the artifact."""
     from datamodules.image_set import load_reference_set
-    from datamodules.prompts import fill_template
+    from diffusion.tokens import fill_template
     from diffusion.artifacts import accepted_settings, check_settings
     from metrics.evaluation import GENERATION_KEYS, Sweep, available_fields, check_texts
     from metrics.suite import MetricSuite

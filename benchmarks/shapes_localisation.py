@@ -32,6 +32,7 @@ from datamodules.shapes.render import render_scene
 from datamodules.shapes.world import BACKGROUND_ROLE, CLASS_WORD, COLOURS, SHAPES, Scene, SceneSampler
 from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import load_backbone
+from diffusion.masks import mask_iou, scale_maps
 
 
 def named_words(scene: Scene) -> dict[str, list[tuple[int, int]]]:
@@ -61,11 +62,7 @@ def weighted_ratio(attn: torch.Tensor, inside: torch.Tensor) -> float:
 
 def threshold_iou(attn: torch.Tensor, cover: torch.Tensor, threshold: float = 0.5) -> float:
     """IoU of the map's cells at or above `threshold` of its [min, max] range with the cells `cover` at least half fills."""
-    low, high = attn.min(), attn.max()
-    mask = (attn - low) / (high - low).clamp(min=1e-12) >= threshold
-    truth = cover >= 0.5
-    union = (mask | truth).sum()
-    return float((mask & truth).sum() / union) if union else 1.0
+    return mask_iou(scale_maps(attn) >= threshold, cover >= 0.5)
 
 
 @torch.no_grad()

@@ -188,7 +188,7 @@ def optional_metric(build):
 def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, device: str,
          methods: list[str], strength: float) -> Path:
     from diffusion.backbone import load_backbone
-    from diffusion.editing import DEFAULT_STEPS, METHODS, EditSettings
+    from diffusion.editing import load_edit_method, method_config
     from datamodules.shapes.render import render_scene
     from metrics.dino import StructureDistance
     from metrics.image_quality import NSLPIPS
@@ -210,6 +210,12 @@ def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, dev
     backbone = load_backbone(str(ROOT / "models" / "shapes")).to(device)
     encoder_dir = Path(encoder) if encoder else ROOT / ".cache" / "models" / "clip-vit-b16-random"
     probe = default_probe(device)
+    image_encoder = {"path": str(encoder_dir), "build": None if encoder else "base"}
+    built = {}
+    for method in methods:  # each yaml's settings, with the run's SDEdit strength and image encoder where it has them
+        cfg = method_config(method)
+        given = {"strength": strength, "image_encoder": image_encoder}
+        built[method] = load_edit_method(method, **{k: v for k, v in given.items() if k in cfg})
     rows, grid = [], []
     for k, case in enumerate(edit_cases(count)):
         if k % parts != index:
@@ -228,10 +234,8 @@ def edit(out: Path, count: int, shard: tuple[int, int], encoder: str | None, dev
         row["target_render"] = {"success": float(oracle[attribute][obj]),
                                 "background_kept": float(oracle["background"][0])}
         for method in methods:
-            settings = EditSettings(seed=k, strength=strength, pixels=pixels,
-                style_diffusion={"image_encoder": {"path": str(encoder_dir), "build": None if encoder else "base"}})
             start = time.perf_counter()
-            latents = METHODS[method](backbone, z0, source, prompt, DEFAULT_STEPS[method], 7.5, settings)
+            latents = built[method](backbone, z0, source, prompt, guidance_scale=7.5, seed=k, pixels=pixels)
             seconds = time.perf_counter() - start
             with torch.no_grad():
                 decoded = backbone.decode_latents(latents).clamp(0, 1).cpu()  # [reconstruction, edit]

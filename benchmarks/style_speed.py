@@ -67,7 +67,7 @@ def main() -> None:
 
     from datamodules.image_set import load_image
     from diffusion.attention import AttentionHub
-    from diffusion.editing import EditSettings, p2p_controller, sample_controlled
+    from diffusion.editing import load_edit_method, sample_controlled
     from diffusion.image_encoder import ensure_encoder
     from diffusion.inversion import invert_latents, null_text_inversion
     from diffusion.style_editing import edit
@@ -109,13 +109,12 @@ def main() -> None:
     result["null_text_50_iterations"] = sum(own.iterations)
 
     cond = backbone.encode_prompt([SOURCE, TARGET])
-    settings = EditSettings()
+    p2p, p2plus = (load_edit_method(name).controllers(backbone, SOURCE, TARGET)[0]
+                   for name in ("null_text_p2p", "null_text_p2plus"))  # tau_u: None, and P2Plus's 0.5
     passes = {
         "style_diffusion_p2plus": lambda: edit(backbone, hub, inversion, [TARGET], guidance_scale=w),
-        "null_text_p2p": lambda: sample_controlled(backbone, cond, latents[-1], schedule, n, w,
-                                                   p2p_controller(backbone, SOURCE, TARGET, settings, None)),
-        "null_text_p2plus": lambda: sample_controlled(backbone, cond, latents[-1], schedule, n, w,
-                                                      p2p_controller(backbone, SOURCE, TARGET, settings, 0.5)),
+        "null_text_p2p": lambda: sample_controlled(backbone, cond, latents[-1], schedule, n, w, p2p),
+        "null_text_p2plus": lambda: sample_controlled(backbone, cond, latents[-1], schedule, n, w, p2plus),
     }
     times: dict[str, list[float]] = {name: [] for name in passes}
     with torch.no_grad():

@@ -20,7 +20,7 @@ from metrics.evaluation import (Job, Sweep, available_fields, check_texts, gathe
                                 sample_grid, score, shard, source_images)
 from metrics.suite import MetricSuite
 from datamodules.image_set import load_reference_set, scan_image_set
-from datamodules.prompts import fill_template
+from diffusion.tokens import fill_template
 from utils.errors import ConfigError
 from utils.images import save_png
 from utils.io import write_json

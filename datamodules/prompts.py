@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from diffusion.tokens import fill_template  # noqa: F401 - its home is with the tokens; read here too
 from utils.errors import ConfigError
 
 # Textual inversion's templates (Gal et al. 2022, as in the diffusers training script).

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone
-from diffusion.masks import CRFSettings, mask_iou, refine_mask, upsample
+from diffusion.masks import CRFSettings, mask_iou, refine_mask, scale_maps, upsample
 from utils.errors import ConfigError
 from utils.settings import Settings, check_choice
 
@@ -174,8 +174,7 @@ class MaskEstimator:
         settings = self.settings
         estimator = self.denoising_scores if estimate == "denoising" else self.attention_maps
         maps = estimator(image, tokens, num_timesteps, g).cpu()
-        low, high = maps.flatten(1).amin(1)[:, None, None], maps.flatten(1).amax(1)[:, None, None]
-        scaled = (maps - low) / (high - low).clamp(min=1e-12)  # a new token's map is nearly flat: stretch it
+        scaled = scale_maps(maps)  # a new token's map is nearly flat: stretch it
         if estimate == "denoising":
             binaries = F.one_hot(maps.argmax(0), len(tokens)).permute(2, 0, 1).float()
         elif settings.assignment == "argmax":

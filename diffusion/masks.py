@@ -38,6 +38,13 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if union == 0 else (a & b).sum().item() / union
 
 
+def scale_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Each map [..., h, w] scaled to [0, 1] between its own minimum and maximum (EM's masks threshold this)."""
+    flat = maps.flatten(-2)
+    low, high = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+    return (maps - low) / (high - low).clamp(min=1e-12)
+
+
 def upsample(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[h, w] -> [H, W], bilinear."""
     return F.interpolate(mask[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]

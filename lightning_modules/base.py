@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusion.attention import AttentionHub
 from diffusion.backbone import (Backbone, check_backbone_path, dtype_for_precision, load_backbone, model_identity,
                                resolve_dtype)
-from datamodules.prompts import fill_template
+from diffusion.tokens import fill_template
 from diffusion.sampling import generate
 from utils.errors import ArtifactError, ConfigError
 

@@ -31,7 +31,6 @@ import torch
 
 from datamodules.image_set import save_mask
 from datamodules.prior import PriorImages
-from datamodules.prompts import fill_template
 from datamodules.scenes import concept_tokens
 from diffusion.backbone import Backbone
 from diffusion.concept_masks import (VARIANTS, EMSettings, JointSettings, LossSettings, MaskEstimator, draw_subset,
@@ -39,7 +38,7 @@ from diffusion.concept_masks import (VARIANTS, EMSettings, JointSettings, LossSe
 from diffusion.lora import add_lora, save_lora
 from diffusion.losses import cross_attention_loss, downsample_mask, masked_diffusion_loss
 from diffusion.masks import CRFSettings
-from diffusion.tokens import PlaceholderTokens
+from diffusion.tokens import PlaceholderTokens, fill_template
 from lightning_modules.base import DiffusionModule
 from utils.errors import ConfigError
 from utils.io import atomic_dir, write_json

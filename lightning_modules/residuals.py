@@ -26,12 +26,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from datamodules.prior import PriorImages
-from datamodules.prompts import fill_template
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone
 from diffusion.lora import LORA_FILE, save_lora
 from diffusion.residuals import ADAPTER, INFO_FILE, ResidualSampler, add_residuals
-from diffusion.tokens import PlaceholderTokens
+from diffusion.tokens import PlaceholderTokens, fill_template
 from lightning_modules.base import DiffusionModule
 from utils.errors import ConfigError
 from utils.io import write_json

@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from datamodules.prompts import fill_template
 from diffusion.backbone import Backbone, Conditioning
 from diffusion.sampling import DDIMSchedule, ddim_sample, generate, initial_noise
 from diffusion.sliders import SLIDER_INFO, SliderSet, TokenSlider
-from diffusion.tokens import PlaceholderTokens
+from diffusion.tokens import PlaceholderTokens, fill_template
 from lightning_modules.base import DiffusionModule
 from utils.errors import ConfigError
 from utils.io import write_json

@@ -14,9 +14,8 @@ from typing import Callable
 
 import torch
 
-from datamodules.prompts import fill_template
 from diffusion.backbone import Backbone
-from diffusion.tokens import PlaceholderTokens
+from diffusion.tokens import PlaceholderTokens, fill_template
 from lightning_modules.base import DiffusionModule
 from utils.io import write_json
 

@@ -263,23 +263,21 @@ def test_the_yamls_are_the_methods_the_editing_api_accepts():
     assert set(method_names()) == yamls
     classes = {cls.__name__ for cls in all_subclasses(EditMethod) if "edit" in vars(cls)}
     assert {method_config(name)._target_.rpartition(".")[2] for name in yamls} == classes
-    assert set(editing.METHODS) == yamls
-    assert editing.DEFAULT_STEPS == {name: 30 if name.startswith("style_diffusion") else 50 for name in yamls}
+    steps = {name: method_config(name).num_steps for name in yamls}
+    assert steps == {name: 30 if name.startswith("style_diffusion") else 50 for name in yamls}
     with pytest.raises(ConfigError, match="edit method 'nope' is unknown; use one of ddim_word_swap"):
         load_edit_method("nope")
     with pytest.raises(ConfigError, match=r"edit_method.tau_s=1.5 must be a number in \[0, 1\]"):
         load_edit_method("null_text_p2p", tau_s=1.5)
 
 
-def test_the_old_name_based_call(tiny):
-    """benchmarks/style_shapes.py's METHODS[name](..., EditSettings(...)): the keys a method lacks are ignored."""
+def test_the_benchmarks_calls(tiny):
+    """What benchmarks/style_shapes.py and style_speed.py build: methods with the run's strength, called with a seed."""
     z0 = sampled_latents(tiny, 2)
-    settings = editing.EditSettings(seed=3, strength=0.0, pixels=None, style_diffusion={"inner": {"K": 2}})
-    kept = editing.METHODS["sdedit"](tiny, z0, SOURCE, TARGET, editing.DEFAULT_STEPS["sdedit"], 7.5, settings)
+    kept = load_edit_method("sdedit", strength=0.0)(tiny, z0, SOURCE, TARGET, seed=3, pixels=None)
     torch.testing.assert_close(kept, z0.expand(2, *z0.shape[1:]), atol=0, rtol=0)
-    assert editing.METHODS["style_diffusion"].args == ("style_diffusion",)
-    assert not editing._with_known("style_diffusion", {"strength": 0.3}).sdedit  # SDEdit's strength leaves P2Plus be
-    controller = editing.p2p_controller(tiny, SOURCE, TARGET, editing.EditSettings(), 0.5)  # benchmarks/style_speed.py
+    assert not load_edit_method("style_diffusion", strength=0.3).sdedit  # SDEdit's strength leaves P2Plus be
+    controller = load_edit_method("null_text_p2plus").controllers(tiny, SOURCE, TARGET)[0]
     assert (controller.cross_steps, controller.self_steps, controller.uncond_self_steps) == (0.8, 0.4, 0.5)
 
 

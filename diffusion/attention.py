@@ -162,45 +162,27 @@ class ControlledAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-class AttentionHub:
-    """Installs controlled processors on a UNet and holds the active controllers and call state.
+class ProcessorHub:
+    """What every attention hub shares: the controllers in use, the call state, and giving the model its
+    original processors back (`restore`, or leaving the `with` block). Subclasses install their processors
+    with `_install` (the UNet's here; SD3 / FLUX transformers' in diffusion/flow_attention.py)."""
 
-    Use as a context manager (or call `restore()`) so the UNet gets its original processors back.
-    """
-
-    def __init__(self, unet: nn.Module, controllers: Iterable[AttentionController] = ()):
-        self.unet = unet
-        self.controllers: list[AttentionController] = list(controllers)
-        self.state = AttentionState()
-        self.original = dict(unet.attn_processors)
-        self.places = {name: Place.from_processor_name(name) for name in self.original}
-        unet.set_attn_processor({name: ControlledAttnProcessor(self, p) for name, p in self.places.items()})
-        self._hook = unet.register_forward_pre_hook(self._remember_latent_size)
+    def _install(self, model: nn.Module, processors: dict, hook) -> None:
+        self.model = model
+        self.original = dict(model.attn_processors)
+        model.set_attn_processor(processors)
+        self._hook = hook
         self.installed = True
 
-    def _remember_latent_size(self, module, args):
-        sample = args[0] if args else None
-        if torch.is_tensor(sample):
-            self.state.latent_hw = tuple(sample.shape[-2:])
-
-    def query_hw(self, num_queries: int) -> tuple[int, int]:
-        """Spatial size of a layer from its query count and the latent size of the current call."""
-        if self.state.latent_hw is None:
-            side = int(math.isqrt(num_queries))
-            return side, num_queries // side
-        h, w = self.state.latent_hw
-        factor = math.sqrt(h * w / num_queries)
-        return round(h / factor), round(w / factor)
-
-    def add(self, controller: AttentionController) -> AttentionController:
+    def add(self, controller):
         self.controllers.append(controller)
         return controller
 
-    def remove(self, controller: AttentionController) -> None:
+    def remove(self, controller) -> None:
         self.controllers.remove(controller)
 
     @contextmanager
-    def using(self, *controllers: AttentionController):
+    def using(self, *controllers):
         """Activate controllers for the duration of a block."""
         for c in controllers:
             self.add(c)
@@ -224,16 +206,45 @@ class AttentionHub:
 
     def restore(self) -> None:
         if self.installed:
-            self.unet.set_attn_processor(self.original)
+            self.model.set_attn_processor(self.original)
             self._hook.remove()
             self.controllers.clear()
             self.installed = False
 
-    def __enter__(self) -> "AttentionHub":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+class AttentionHub(ProcessorHub):
+    """Installs controlled processors on a UNet and holds the active controllers and call state.
+
+    Use as a context manager (or call `restore()`) so the UNet gets its original processors back.
+    """
+
+    def __init__(self, unet: nn.Module, controllers: Iterable[AttentionController] = ()):
+        self.unet = unet
+        self.controllers: list[AttentionController] = list(controllers)
+        self.state = AttentionState()
+        self.places = {name: Place.from_processor_name(name) for name in unet.attn_processors}
+        self._install(unet, {name: ControlledAttnProcessor(self, p) for name, p in self.places.items()},
+                      unet.register_forward_pre_hook(self._remember_latent_size))
+
+    def _remember_latent_size(self, module, args):
+        sample = args[0] if args else None
+        if torch.is_tensor(sample):
+            self.state.latent_hw = tuple(sample.shape[-2:])
+
+    def query_hw(self, num_queries: int) -> tuple[int, int]:
+        """Spatial size of a layer from its query count and the latent size of the current call."""
+        if self.state.latent_hw is None:
+            side = int(math.isqrt(num_queries))
+            return side, num_queries // side
+        h, w = self.state.latent_hw
+        factor = math.sqrt(h * w / num_queries)
+        return round(h / factor), round(w / factor)
 
 
 # ----- recording ---------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 `load_backbone` reads a diffusers-format folder (or a hub id) with SD1.x, SD2.x or SDXL weights,
 or builds the tiny test model. The returned `Backbone` is a frozen nn.Module in the compute dtype;
-methods add their own trainable parameters (in fp32) around it.
+methods add their own trainable parameters (in fp32) around it. An SD3 or FLUX folder (model.kind sd3 / flux,
+or a model_index.json naming their pipeline) loads as a `diffusion.flow.FlowBackbone`, which shares this
+interface: tokenizers / text_encoders, encode_prompt, encode_images, decode_latents, resolution, and the
+training calls sample_timesteps, add_noise, predict, training_target.
 """
 
 from __future__ import annotations
@@ -18,34 +21,11 @@ import torch
 from torch import nn
 
 from diffusion.builds import ensure_built_pipeline
+from diffusion.dtypes import resolve_dtype
 from diffusion.schedules import SD_BETAS
 from utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def dtype_for_precision(precision: str | int | None) -> torch.dtype:
-    """Compute dtype for frozen weights under a Lightning precision setting."""
-    text = str(precision)
-    if "bf16" in text:
-        return torch.bfloat16
-    if text.startswith("16"):
-        return torch.float16
-    return torch.float32
-
 
 @dataclass
 class Conditioning:
@@ -86,7 +66,12 @@ class Conditioning:
 
 
 REQUIRED = {"sd": ("unet", "vae", "text_encoder", "tokenizer"),
-            "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+            "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+            "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                    "text_encoder_3", "tokenizer_3"),
+            "flux": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+FLOW_KINDS = ("sd3", "flux")  # rectified-flow backbones, loaded by diffusion.flow
+MODEL_NAMES = {"sd": "Stable Diffusion", "sdxl": "Stable Diffusion", "sd3": "Stable Diffusion 3", "flux": "FLUX"}
 
 
 TOKEN_CACHE_SIZE = 10_000  # prompts whose ids a backbone keeps (an evaluation's prompt set fits many times over)
@@ -125,6 +110,12 @@ class Backbone(nn.Module):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def embedding_keys(self) -> tuple[str, ...] | None:
+        """A textual-inversion file's key per text encoder (SDXL's clip_l / clip_g); None: one encoder, whose
+        file is {token: rows}."""
+        return ("clip_l", "clip_g") if self.is_sdxl else None
 
     @property
     def resolution(self) -> int:
@@ -218,29 +209,54 @@ class Backbone(nn.Module):
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, t)
 
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One training timestep per sample, uniform over the scheduler's (DDPM, Ho et al. 2020, Algorithm 1)."""
+        device = generator.device if generator is not None else self.device
+        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=device)
+
 
 # ----- loading ------------------------------------------------------------------------------------
 def _detect_kind(path: Path | None, index: dict | None) -> str:
+    """sd / sdxl / sd3 / flux from a hub model_index.json or a local folder (its model_index.json names SD3 and
+    FLUX pipelines; otherwise its folders decide, as they always have)."""
+    pipeline = str((index if index is not None else _local_index(path)).get("_class_name", ""))
+    if pipeline.startswith("StableDiffusion3"):
+        return "sd3"
+    if pipeline.startswith("Flux"):
+        return "flux"
     if index is not None:
         return "sdxl" if "text_encoder_2" in index else "sd"
     return "sdxl" if path is not None and (path / "text_encoder_2").is_dir() else "sd"
 
 
+def _local_index(path: Path | None) -> dict:
+    """A local folder's model_index.json, or {} when it has none (or an unreadable one: loading names that)."""
+    file = None if path is None else path / "model_index.json"
+    if file is None or not file.is_file():
+        return {}
+    try:
+        index = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
 def _check_local(path: Path, key: str, kind: str) -> None:
+    model = MODEL_NAMES[kind]
     if not path.exists():
-        raise ModelLoadError(f"{key}={path} does not exist; point it at a diffusers-format Stable Diffusion "
-                             f"folder or a hub id")
+        raise ModelLoadError(f"{key}={path} does not exist; point it at a diffusers-format {model} folder or a hub id")
     if not path.is_dir():
-        raise ModelLoadError(f"{key}={path} is a file; point it at a diffusers-format Stable Diffusion folder")
+        raise ModelLoadError(f"{key}={path} is a file; point it at a diffusers-format {model} folder")
     for sub in REQUIRED[kind]:
         if not (path / sub).is_dir():
-            raise ModelLoadError(f"{key}={path} has no {sub}/; point it at a diffusers-format Stable Diffusion folder")
+            raise ModelLoadError(f"{key}={path} has no {sub}/; point it at a diffusers-format {model} folder")
     weights = ("*.safetensors", "*.bin")
-    for sub in ("unet", "vae") + tuple(s for s in REQUIRED[kind] if s.startswith("text_encoder")):
+    denoiser = "transformer" if kind in FLOW_KINDS else "unet"
+    for sub in (denoiser, "vae") + tuple(s for s in REQUIRED[kind] if s.startswith("text_encoder")):
         if not (path / sub / "config.json").is_file() or not any(
                 next((path / sub).glob(p), None) for p in weights):
             raise ModelLoadError(f"{key}={path} has an incomplete {sub}/ (config.json or weights missing); "
-                                 f"point it at a complete diffusers-format Stable Diffusion folder")
+                                 f"point it at a complete diffusers-format {model} folder")
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -290,8 +306,10 @@ def model_identity(name: str | None, path: str | Path | None) -> dict[str, str]:
 def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype | None = None,
                   vae_dtype: str | torch.dtype | None = None, revision: str | None = None,
                   variant: str | None = None, build: str | None = None, name: str | None = None,
-                  prediction_type: str | None = None, key: str = "model.path", **_ignored) -> Backbone:
-    """Load a Stable Diffusion backbone (SD1.x / SD2.x / SDXL) from a local folder or a hub id.
+                  prediction_type: str | None = None, key: str = "model.path", **settings):
+    """Load a Stable Diffusion backbone (SD1.x / SD2.x / SDXL) from a local folder or a hub id; an SD3 or FLUX
+    one (model.kind sd3 / flux, or found in model_index.json) as a diffusion.flow.FlowBackbone, which takes
+    `settings` (max_sequence_length, resolution, training_guidance).
 
     `build` names a model to create at `path` when it is missing: the tiny test models (tiny,
     tiny_sd2, tiny_sdxl) or random-weight full-size architectures (random_sd15, random_sdxl).
@@ -303,7 +321,7 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
     if not path:
         raise ConfigError(f"{key} is not set; give a diffusers-format Stable Diffusion folder or hub id")
     if kind != "auto" and kind not in REQUIRED:
-        raise ConfigError(f"model.kind={kind!r} is unknown; use auto, sd or sdxl")
+        raise ConfigError(f"model.kind={kind!r} is unknown; use auto, sd, sdxl, sd3 or flux")
     dtype = resolve_dtype(dtype)
     vae_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else dtype
     if build:
@@ -326,6 +344,11 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
                 raise ModelLoadError(f"{key}={path} is neither a local folder nor a reachable hub id "
                                      f"({type(e).__name__}); download the model and point {key} at its folder") from e
             kind = _detect_kind(None, index)
+    if kind in FLOW_KINDS:
+        from diffusion.flow import load_flow_backbone
+
+        return load_flow_backbone(source, kind, dtype=dtype, name=name or Path(str(path)).name, revision=revision,
+                                  key=key, **settings)
 
     common = {"revision": revision, "variant": variant}
     try:

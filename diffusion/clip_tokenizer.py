@@ -3,19 +3,19 @@
 Small models (the tiny test model, the shapes world) need a tokenizer that `CLIPTokenizer`
 loads exactly like the real one, without downloading anything. The vocabulary follows CLIP's
 layout: the 256 byte symbols, the same with the end-of-word marker `</w>`, one entry per merge,
-then the two special tokens. Merges are learnt with the `tokenizers` BPE trainer on the given
-words, so every listed word encodes to a single token.
+then the two special tokens. Merges are learnt by byte-pair encoding over the given words (ties
+broken by the pair's text, so builds are reproducible), so every listed word encodes to a single token.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 
@@ -35,17 +35,29 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
-    """BPE merges that turn each (lower-cased) word into one token."""
-    corpus = sorted({w.lower() for w in words})
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    alphabet = list(bytes_to_unicode().values())
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
-    )
-    bpe.train_from_iterator([" ".join(corpus)], trainer)
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    """BPE merges that turn each (lower-cased) word into one token: repeatedly merge the most frequent adjacent
+    pair, ties broken by the pair's text, so the same words give the same merges (and token ids) on every build."""
+    corpus = [[*w[:-1], w[-1] + "</w>"] for w in sorted({w.lower() for w in words} - {""})]
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs = Counter(pair for symbols in corpus for pair in zip(symbols, symbols[1:]))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        corpus = [_merge_pair(symbols, best) for symbols in corpus]
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
 def write_clip_tokenizer(words: Iterable[str], out_dir: str | Path, max_length: int = 77) -> Path:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone, Conditioning
+from diffusion.flow import FlowBackbone, flow_generate
 from utils.errors import ConfigError
 
 
@@ -148,7 +149,7 @@ def initial_noise(backbone: Backbone, batch: int, generator: torch.Generator | N
 
 
 @torch.no_grad()
-def generate(backbone: Backbone, prompts: list[str], seed: int | Sequence[int] = 0, num_steps: int = 50,
+def generate(backbone: Backbone | FlowBackbone, prompts: list[str], seed: int | Sequence[int] = 0, num_steps: int = 50,
              guidance_scale: float = 7.5, negative_prompt: str = "", hub: AttentionHub | None = None,
              progress: bool = False, encode: Callable[[list[str]], Conditioning | CondSchedule] | None = None,
              resolution: int | None = None, decode: bool = True) -> torch.Tensor:
@@ -157,11 +158,18 @@ def generate(backbone: Backbone, prompts: list[str], seed: int | Sequence[int] =
     `seed` is one seed per prompt, or an int s meaning s, s+1, ...: each sample's noise comes from
     its own seed, so a sample does not depend on what else is in the batch. `encode` replaces the
     backbone's prompt encoding (e.g. a slider that edits the text states, or changes them with t).
+    A rectified-flow backbone (SD3, FLUX) samples with its pipeline's Euler steps (diffusion.flow.flow_generate).
     """
     device = backbone.device
     seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    if isinstance(backbone, FlowBackbone):
+        if hub is not None:
+            raise ConfigError("attention controllers hook UNet backbones only; sample this SD3 / FLUX model "
+                              "without a method that edits attention")
+        return flow_generate(backbone, prompts, seeds, num_steps, guidance_scale, negative_prompt, encode, resolution,
+                             decode)
     noise = torch.cat([initial_noise(backbone, 1, torch.Generator(device).manual_seed(s), device, resolution)
                        for s in seeds])
     cond = (encode or backbone.encode_prompt)(prompts)

@@ -6,6 +6,7 @@
   text encoder's output at the token's position and zeroes it for t > 800 (`scaling="output"`).
   At strength 0 the paper's form reads the prompt with a zero vector in the token's place: CLIP is
   causal, so the positions after it (end token, padding) still differ from the plain prompt.
+  On SD3 / FLUX the token has rows in every text encoder (CLIP-L, CLIP-G, T5), each scaled by the strength.
 - `LoraSlider` (Concept Sliders): the strength is the LoRA scale; prompts are unchanged.
 
 `SliderSet` holds the sliders of a sampling call: `prompt()` appends their tokens, `strengths()`
@@ -23,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from diffusion.backbone import Backbone, Conditioning
+from diffusion.flow import FlowBackbone
 from diffusion.tokens import TokenRows
 from utils.errors import ArtifactError, ConfigError
 from utils.io import read_info_beside
@@ -113,6 +115,9 @@ class SliderSet:
         edits = [s for s in self.sliders if isinstance(s, TokenSlider) and s.scaling == "output"]
         if not edits:
             return None
+        if isinstance(backbone, FlowBackbone):  # scale_states edits the UNet's CLIP states only
+            raise ConfigError(f"slider {edits[0].token} scales the text encoder's output (variant=reference_code), "
+                              f"which UNet backbones only support; sample it on SD1.x / SDXL, or train variant=paper")
 
         def encode(prompts: list[str]):
             cond = backbone.encode_prompt(prompts)
@@ -145,6 +150,9 @@ def load_slider(backbone: Backbone, path: str | Path, adapter_name: str | None =
         raise ArtifactError(f"{path} has no {SLIDER_INFO} beside it; pass a prompt_slider or concept_slider run")
     file = path if path.is_file() else path / info["file"]
     if info["method"] == "concept_slider":
+        if isinstance(backbone, FlowBackbone):
+            raise ArtifactError(f"{path} is a concept_slider (a UNet LoRA); load it on the SD1.x / SDXL model it was "
+                                f"trained on, not on {backbone.kind}")
         name = adapter_name or info.get("adapter_name") or file.parent.name
         load_lora(backbone.unet, file, adapter_name=name)
         backbone.unet.set_adapters(list(backbone.unet.peft_config))  # every loaded slider active, composing

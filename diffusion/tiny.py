@@ -73,16 +73,22 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", seed: int = 0) ->
             pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-        staging = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".tiny-"))
-        pipe.save_pretrained(staging)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(staging, out)  # atomic: a concurrent builder either wins or finds it done
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not out.exists():
-                raise
+        return save_pipeline_atomically(pipe, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pipeline_atomically(pipe, out: Path) -> Path:
+    """Save into a staging folder next to `out`, then rename it into place: a concurrent builder either
+    wins or finds the folder complete."""
+    staging = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".tiny-"))
+    pipe.save_pretrained(staging)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not out.exists():
+            raise
     return out
 

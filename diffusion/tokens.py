@@ -4,8 +4,10 @@ The trained rows live in their own fp32 parameter (`TokenRows.rows`) and are spl
 embedding lookup by a forward hook. The rest of the embedding table is frozen and never sees an
 optimizer, so it cannot drift (which is why the reference scripts restore every other row after
 each optimizer step); `TokenRows.write_back` copies the rows into the table for plain sampling.
-Files use diffusers' textual-inversion format: {token: [n, d]} safetensors, or {"clip_l": ...,
-"clip_g": ...} for SDXL, which `load_textual_inversion` reads.
+Files use diffusers' textual-inversion format: {token: [n, d]} safetensors, or one key per text encoder,
+{"clip_l": ..., "clip_g": ...} for SDXL, which `load_textual_inversion` reads; SD3 and FLUX files extend that
+layout with T5's rows, {"clip_l", "clip_g" (SD3), "t5"} (`pipe.load_textual_inversion(state["t5"], token=...,
+text_encoder=<the T5 encoder>, tokenizer=<its tokenizer>)`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from utils.errors import ArtifactError, ConfigError
 from utils.io import write_safetensors
 
 SDXL_KEYS = ("clip_l", "clip_g")
+ENCODER_KEYS = ("clip_l", "clip_g", "t5")  # every per-encoder key a file may hold (backbones' embedding_keys)
 log = logging.getLogger(__name__)
 
 
@@ -207,18 +210,23 @@ class PlaceholderTokens(nn.Module):
         return [r.rows.detach().float().cpu() for r in self.rows]
 
     # ----- files ----------------------------------------------------------------------------------
-    def state_for_file(self, sdxl: bool) -> dict[str, torch.Tensor]:
+    def state_for_file(self, sdxl: bool = False, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The file's tensors: one per encoder under `keys` (a backbone's embedding_keys), else {token: rows}
+        (SDXL's clip_l / clip_g with sdxl=True)."""
         rows = self.embeddings()
+        if keys is not None:
+            return {keys[i]: r for i, r in zip(self.encoder_indices, rows)}
         if sdxl and len(rows) == 2:
             return dict(zip(SDXL_KEYS, rows))
         if sdxl:
             return {SDXL_KEYS[self.encoder_indices[0]]: rows[0]}
         return {self.token: rows[0]}
 
-    def save(self, path: str | Path, sdxl: bool = False, metadata: dict | None = None) -> Path:
+    def save(self, path: str | Path, sdxl: bool = False, metadata: dict | None = None,
+             keys: Sequence[str] | None = None) -> Path:
         meta = {"token": self.token, "num_vectors": str(len(self.names)),
                 "train_existing": str(self.train_existing).lower(), **(metadata or {})}
-        write_safetensors(path, self.state_for_file(sdxl), metadata={k: str(v) for k, v in meta.items()})
+        write_safetensors(path, self.state_for_file(sdxl, keys), metadata={k: str(v) for k, v in meta.items()})
         return Path(path)
 
 
@@ -242,6 +250,23 @@ def _read_embedding_file(path: str | Path) -> tuple[dict[str, str], dict[str, to
     return meta, tensors
 
 
+def _per_encoder_rows(backbone, tensors: dict[str, torch.Tensor], path) -> dict[int, torch.Tensor]:
+    """A per-encoder file's rows by the index of the text encoder they belong to on `backbone`. Keys this backbone
+    has no encoder for are left out (an SDXL or FLUX file on SD1.x: the CLIP-L part transfers, the text encoder
+    they share)."""
+    keys = getattr(backbone, "embedding_keys", None) or SDXL_KEYS[:1]  # one encoder: CLIP-L (SD1.x)
+    keys = keys[:len(backbone.text_encoders)]
+    per_encoder = {keys.index(k): v for k, v in tensors.items() if k in keys}
+    if not per_encoder:
+        raise ArtifactError(f"{path} holds rows for {', '.join(tensors)}, none of this model's text encoders "
+                            f"({', '.join(keys)}); load it on the model it was trained on")
+    dropped = [k for k in tensors if k not in keys]
+    if dropped:
+        log.info("%s: %s has no text encoder on this model; using %s", path, ", ".join(dropped),
+                 ", ".join(k for k in tensors if k in keys))
+    return per_encoder
+
+
 def load_embeddings(backbone, path: str | Path, token: str | None = None) -> list[str]:
     """Add the tokens of a textual-inversion file to a backbone (the inverse of `PlaceholderTokens.save`).
 
@@ -254,16 +279,11 @@ def load_embedding_ids(backbone, path: str | Path, token: str | None = None) -> 
     """`load_embeddings`, also returning the token ids it wrote per text encoder index."""
     meta, tensors = _read_embedding_file(path)
     stored, existing_word = meta.get("token"), meta.get("train_existing") == "true"
-    if all(k in SDXL_KEYS for k in tensors):
+    if tensors and all(k in ENCODER_KEYS for k in tensors):
         token = token or stored
         if token is None:
             raise ArtifactError(f"{path} has no token name; pass token=...")
-        per_encoder = {SDXL_KEYS.index(k): v for k, v in tensors.items()}
-        dropped = [SDXL_KEYS[i] for i in per_encoder if i >= len(backbone.text_encoders)]
-        if dropped:  # an SDXL artifact on SD1.x: the CLIP-L part transfers (the text encoder they share)
-            log.info("%s: %s has no text encoder on this model; using %s", path, ", ".join(dropped),
-                     ", ".join(SDXL_KEYS[i] for i in per_encoder if i < len(backbone.text_encoders)))
-            per_encoder = {i: v for i, v in per_encoder.items() if i < len(backbone.text_encoders)}
+        per_encoder = _per_encoder_rows(backbone, tensors, path)
     else:
         if len(tensors) != 1:
             raise ArtifactError(f"{path} holds {len(tensors)} tensors; expected one {{token: [n, d]}} entry")

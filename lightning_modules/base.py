@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.attention import AttentionHub
-from diffusion.backbone import (Backbone, check_backbone_path, dtype_for_precision, load_backbone, model_identity,
-                               resolve_dtype)
+from diffusion.backbone import FLOW_KINDS, Backbone, check_backbone_path, load_backbone, model_identity
+from diffusion.dtypes import dtype_for_precision, resolve_dtype
+from diffusion.flow import FlowBackbone
 from diffusion.tokens import fill_template
 from diffusion.sampling import generate
 from utils.errors import ArtifactError, ConfigError
@@ -29,15 +30,20 @@ log = logging.getLogger(__name__)
 
 
 class DiffusionModule(L.LightningModule):
+    # Trains on rectified-flow backbones (SD3, FLUX) too: a method whose loss and sampling use only the interface
+    # both backbones share (diffusion_loss, sample); methods that hook the UNet's attention or layers do not.
+    flow_backbones = False
+
     def __init__(self, backbone: dict, optimizer: Callable[..., torch.optim.Optimizer],
                  lr_scheduler: Callable | None = None, seed: int = 0):
         super().__init__()
         self.backbone_config = dict(backbone)
         check_backbone_path(**self.backbone_config)
+        self._check_backbone_kind(self.backbone_config.get("kind", "auto"))
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.seed = seed
-        self.backbone: Backbone | None = None
+        self.backbone: Backbone | FlowBackbone | None = None
         self._hub: AttentionHub | None = None
         self.strict_loading = False  # frozen weights are not in our checkpoints; on_load_checkpoint checks the rest
 
@@ -55,9 +61,15 @@ class DiffusionModule(L.LightningModule):
             return
         config = {k: v for k, v in self.backbone_config.items() if k != "dtype"}
         self.backbone = load_backbone(**config, dtype=self.compute_dtype())
+        self._check_backbone_kind(self.backbone.kind if isinstance(self.backbone, FlowBackbone) else "sd")
         self.build(self.backbone)
         trained = sum(p.numel() for p in self.trainable_parameters())
         log.info("%s: %d trainable parameters", type(self).__name__, trained)
+
+    def _check_backbone_kind(self, kind: str) -> None:
+        if kind in FLOW_KINDS and not self.flow_backbones:
+            raise ConfigError(f"{type(self).__name__} runs on Stable Diffusion UNet backbones (SD1.x / SD2.x / SDXL), "
+                              f"not model.kind={kind}; train textual_inversion on SD3 / FLUX, or choose a UNet model")
 
     def backbone_identity(self) -> dict[str, str]:
         """The backbone as artifact files name it: config name, folder name, fingerprint (no absolute path)."""
@@ -104,12 +116,14 @@ class DiffusionModule(L.LightningModule):
     def diffusion_loss(self, pixels: torch.Tensor, prompts: Sequence[str],
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """The latent diffusion loss || eps - eps_theta(z_t, t, c(y)) ||^2 (the v / epsilon target the
-        scheduler predicts) of images in [-1, 1] under their prompts, with one random timestep each;
-        noise and timesteps come from `generator` (default: this step's)."""
+        scheduler predicts) of images in [-1, 1] under their prompts, with one random timestep each; on a
+        rectified-flow backbone (SD3, FLUX) the flow-matching loss || (noise - z) - v_theta(z_t, t, c(y)) ||^2
+        with logit-normal t (Esser et al. 2024, eq. 3 and Sec. 3.1). Noise and timesteps come from `generator`
+        (default: this step's), timesteps as the backbone samples them."""
         backbone, g = self.backbone, generator or self.step_generator()
         latents = backbone.encode_images(pixels, generator=g)
         noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
-        t = torch.randint(0, backbone.num_train_timesteps, (latents.shape[0],), generator=g, device=self.device)
+        t = backbone.sample_timesteps(latents.shape[0], g)
         pred = backbone.predict(backbone.add_noise(latents, noise, t), t, backbone.encode_prompt(list(prompts)))
         return F.mse_loss(pred.float(), backbone.training_target(latents, noise, t).float())
 

@@ -5,10 +5,12 @@ the target prompt c_t and its prediction regressed on
 
     eps(alpha) = eps(z_t, c_t) + alpha * eta * sum_{p in P} (eps(z_t, c+, p) - eps(z_t, c-, p))
 
-with the frozen model's predictions (one batched UNet call). Erasing, eq. (7), subtracts the
-difference and learns the embedding of the word itself (token.train_existing). Eq. (4) draws z_t from
-images of the target: with no image set, they are the frozen model's own samples of each target
-prompt (`pool.size` per prompt, generated when training starts), noised to t ~ U{0..T-1}.
+with the frozen model's predictions (one batched UNet call). On a rectified-flow backbone (SD3, FLUX) eq. (5) is
+the same with the velocity v = noise - z_0 in place of eps, all at the same x_t (see `eq5_prediction`), and the
+token lives in every text encoder (CLIP-L, CLIP-G, T5). Erasing, eq. (7), subtracts the difference and learns the
+embedding of the word itself (token.train_existing). Eq. (4) draws z_t from images of the target: with no image
+set, they are the frozen model's own samples of each target prompt (`pool.size` per prompt, generated when
+training starts, by the backbone's own sampler), noised to t ~ U{0..T-1} (on a flow backbone: t as it trains).
 Visual slider, eq. (6): image pairs A/B with the same noise and timestep, +alpha S for A, -alpha S for B.
 
 variant=reference_code follows the authors' code instead: no alpha in training; z_t by partially
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from diffusion.backbone import Backbone, Conditioning
+from diffusion.backbone import FLOW_KINDS, Backbone, Conditioning
+from diffusion.flow import FlowBackbone
 from diffusion.sampling import DDIMSchedule, ddim_sample, generate, initial_noise
 from diffusion.sliders import SLIDER_INFO, SliderSet, TokenSlider
 from diffusion.tokens import PlaceholderTokens, fill_template
@@ -44,6 +47,14 @@ log = logging.getLogger(__name__)
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 MODES = ("textual", "visual")
 VARIANTS = ("paper", "reference_code")
+
+
+def eq5_prediction(backbone: Backbone | FlowBackbone, latents: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """What eq. (5) combines and regresses: eps on a UNet (a v-prediction converted to eps), the velocity
+    v = noise - z_0 on a rectified-flow backbone. With x_t = (1 - t) z_0 + t noise, eps = x_t + (1 - t) v: the
+    eq. (5) target in velocities is the eps target at the same x_t, its loss weighted by (1 - t)^2."""
+    out = backbone.predict(latents, t, cond)
+    return out if isinstance(backbone, FlowBackbone) else backbone.to_epsilon(out, latents, t)
 
 
 def slider_target(eps_neutral: torch.Tensor, eps_positive: torch.Tensor, eps_negative: torch.Tensor,
@@ -108,7 +119,8 @@ class TextCache:
                 cond = backbone.encode_prompt(missing)
             for k, p in enumerate(missing):
                 self.cache[p] = cond.map(lambda x, k=k: x[k:k + 1])
-        return Conditioning.cat([self.cache[p] for p in prompts])
+        cached = [self.cache[p] for p in prompts]
+        return type(cached[0]).cat(cached)  # Conditioning (UNet) or FlowConditioning (SD3, FLUX)
 
 
 @torch.no_grad()
@@ -128,6 +140,10 @@ def denoise_partially(backbone: Backbone, cond: Conditioning, uncond: Conditioni
 
 
 class SliderModule(DiffusionModule):
+    # eq. (5) on SD3 / FLUX: the frozen velocities under c_t, c+, c- at one x_t, the token's velocity regressed on
+    # their combination (textual, variant=paper only; `_check_backbone_kind` refuses the others)
+    flow_backbones = True
+
     def __init__(self, backbone: dict, token: dict, optimizer: Callable, lr_scheduler: Callable | None = None,
                  mode: str = "textual", variant: str = "paper", alpha_min: float = 0.0, alpha_max: float = 3.0,
                  resolution: int | None = None, *, pool: dict, reference_code: dict, info: dict | None = None,
@@ -154,14 +170,25 @@ class SliderModule(DiffusionModule):
         self.tokens: PlaceholderTokens | None = None
         self.sliders: SliderSet | None = None
         self._frozen_text = TextCache()
+        self._check_backbone_kind(self.backbone_config.get("kind", "auto"))  # now that mode and variant are known
+
+    def _check_backbone_kind(self, kind: str) -> None:
+        super()._check_backbone_kind(kind)
+        variant = getattr(self, "variant", None)  # None while the base class checks the kind alone
+        if kind in FLOW_KINDS and variant is not None and (self.mode, variant) != ("textual", "paper"):
+            setting = f"module.variant={variant}" if variant != "paper" else f"module.mode={self.mode}"
+            raise ConfigError(f"{setting} runs on UNet backbones, not model.kind={kind}; use module.mode=textual "
+                              f"module.variant=paper (eq. 5) on SD3 / FLUX")
 
     # ----- model ----------------------------------------------------------------------------------
     def build(self, backbone: Backbone) -> None:
         cfg = self.token_config
-        # one 768-d vector on SDXL too: the CLIP-L encoder, the part SD1.x shares (Sec. 4.5)
+        # one 768-d vector on SDXL too: the CLIP-L encoder, the part SD1.x shares (Sec. 4.5); on SD3 / FLUX every
+        # encoder (CLIP-L, CLIP-G, T5) reads the prompt into the transformer, so the token lives in each
+        encoders = None if isinstance(backbone, FlowBackbone) else [0]
         self.tokens = PlaceholderTokens(backbone, cfg["name"], num_vectors=cfg.get("num_vectors", 1),
                                         initializer=cfg.get("initializer"),
-                                        train_existing=cfg.get("train_existing", False), encoders=[0])
+                                        train_existing=cfg.get("train_existing", False), encoders=encoders)
         slider = TokenSlider(self.tokens.expand(self.tokens.token), list(self.tokens.rows),
                              appended=not self.tokens.train_existing, scaling=self.scaling,
                              zero_above=self.reference_code.zero_above if self.variant == "reference_code" else None)
@@ -209,20 +236,22 @@ class SliderModule(DiffusionModule):
             with self.tokens.original():  # an erased word keeps its meaning in the images of c_t
                 z0 = torch.stack([self.pool.draw(backbone, p, g, self.resolution) for p in batch["target"]])
             noise = torch.randn(z0.shape, generator=g, device=self.device, dtype=torch.float32)
-            t = torch.randint(0, backbone.num_train_timesteps, (n,), generator=g, device=self.device)
+            t = backbone.sample_timesteps(n, g).to(self.device)  # UNet: U{0..T-1} (eq. 4); flow: its training t
             latents = backbone.add_noise(z0.float(), noise, t).to(backbone.dtype)
             alpha = self.draw_alpha(n, g)
             token_scale = alpha
-        with torch.no_grad(), record_function("slider/frozen_unet"):  # eps(c_t), eps(c+, p), eps(c-, p): one call
+        # eq. (5): target = eps(x_t, c_t) + alpha * eta * (eps(x_t, c+, p) - eps(x_t, c-, p)), one frozen call; on
+        # SD3 / FLUX   target = v(x_t, c_t) + alpha * eta * (v(x_t, c+, p) - v(x_t, c-, p)), velocities at one x_t
+        with torch.no_grad(), record_function("slider/frozen_unet"):
             cond = self.frozen_text(list(batch["neutral"]) + list(batch["positive"]) + list(batch["unconditional"]))
             x, tt = latents.repeat(3, 1, 1, 1), t.repeat(3)
-            eps_n, eps_p, eps_m = backbone.to_epsilon(backbone.predict(x, tt, cond), x, tt).float().chunk(3)
+            eps_n, eps_p, eps_m = eq5_prediction(backbone, x, tt, cond).float().chunk(3)
             scale = batch["sign"].to(self.device).float() * batch["guidance_scale"].to(self.device).float() * alpha
             target = slider_target(eps_n, eps_p, eps_m, scale)
         with self.tokens.scaled(token_scale), record_function("slider/encode_prompt"):
             cond = backbone.encode_prompt([self.trained_prompt(p) for p in batch["target"]])
-        with record_function("slider/trained_unet"):
-            pred = backbone.to_epsilon(backbone.predict(latents, t, cond), latents, t).float()
+        with record_function("slider/trained_unet"):  # eps (v) of x_t under c_t + alpha S
+            pred = eq5_prediction(backbone, latents, t, cond).float()
         return F.mse_loss(pred, target)
 
     @torch.no_grad()
@@ -271,7 +300,9 @@ class SliderModule(DiffusionModule):
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:
         out = Path(out_dir)
         meta = {"method": "prompt_slider", **self.backbone_identity(), "step": self.global_step}
-        path = self.tokens.save(out / EMBEDDINGS_FILE, sdxl=self.backbone.is_sdxl, metadata=meta)
+        # SD3 / FLUX: one key per text encoder ({"clip_l", "clip_g", "t5"}), as textual inversion writes them
+        keys = self.backbone.embedding_keys if isinstance(self.backbone, FlowBackbone) else None
+        path = self.tokens.save(out / EMBEDDINGS_FILE, sdxl=self.backbone.is_sdxl, metadata=meta, keys=keys)
         slider = self.sliders.sliders[0]
         info = out / SLIDER_INFO
         write_json(info, {**meta, "file": EMBEDDINGS_FILE, "token": self.tokens.token, "names": self.tokens.names,

@@ -3,7 +3,8 @@
     v* = argmin_v  E_{z ~ E(x), y, eps, t} || eps - eps_theta(z_t, t, c_theta(y(S*))) ||^2
 
 with y a template prompt ("a photo of a S*"); only the token's rows are trained (the baseline
-every paper in this framework compares against).
+every paper in this framework compares against). On SD3 and FLUX the token is added to every text encoder
+(CLIP-L, CLIP-G, T5) and the loss is the flow-matching one (DiffusionModule.diffusion_loss).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ EMBEDDINGS_FILE = "learned_embeds.safetensors"
 
 
 class TextualInversionModule(DiffusionModule):
+    flow_backbones = True  # only the token's rows are trained, through diffusion_loss and sample
+
     def __init__(self, backbone: dict, token: dict, optimizer: Callable, lr_scheduler: Callable | None = None,
                  seed: int = 0):
         super().__init__(backbone, optimizer, lr_scheduler, seed)
@@ -49,7 +52,8 @@ class TextualInversionModule(DiffusionModule):
     def export_artifacts(self, out_dir: str | Path) -> list[Path]:
         out = Path(out_dir)
         meta = {"method": "textual_inversion", **self.backbone_identity(), "step": self.global_step}
-        path = self.tokens.save(out / EMBEDDINGS_FILE, sdxl=self.backbone.is_sdxl, metadata=meta)
+        # one key per text encoder on SDXL, SD3 and FLUX ({"clip_l", "clip_g", "t5"}); {token: rows} on SD1.x
+        path = self.tokens.save(out / EMBEDDINGS_FILE, keys=self.backbone.embedding_keys, metadata=meta)
         info = out / "learned_embeds.json"
         write_json(info, {**meta, "token": self.tokens.token, "names": self.tokens.names,
                           "initializer": self.token_config.get("initializer"),

@@ -33,6 +33,15 @@ def tiny_dir(tiny_dirs) -> Path:
     return tiny_dirs["sd"]
 
 
+@pytest.fixture(scope="session")
+def flow_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Folders of the tiny SD3 and FLUX pipelines (built once)."""
+    from diffusion.tiny_flow import FLOW_KINDS, build_tiny_flow_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_flow_models")
+    return {kind: build_tiny_flow_pipeline(root / kind, kind) for kind in FLOW_KINDS}
+
+
 @pytest.fixture
 def tiny(tiny_dir):
     """A fresh tiny SD backbone (fp32, CPU)."""

@@ -143,3 +143,12 @@ class DumpTrainedRows(L.Callback):
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below a folder, by relative path, with its bytes (to prove a refused run touched nothing)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def slider_batch(template: dict, phrase: str) -> dict:
+    """One slider training batch of a template (a conf/slider entry) for a phrase p, as the datamodule yields it."""
+    from datamodules.sliders import SliderTemplate
+
+    t = SliderTemplate.from_dict(template)
+    return {**{k: [v] for k, v in t.prompts(phrase).items()}, "sign": torch.tensor([t.sign]),
+            "guidance_scale": torch.tensor([t.guidance_scale])}

@@ -145,7 +145,7 @@ def test_unreachable_hub_id(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kwargs, message", [
     ({"path": ""}, "model.path is not set; give a diffusers-format Stable Diffusion folder or hub id"),
     ({"path": None}, "model.path is not set; give a diffusers-format Stable Diffusion folder or hub id"),
-    ({"kind": "sd3"}, "model.kind='sd3' is unknown; use auto, sd or sdxl"),
+    ({"kind": "sd4"}, "model.kind='sd4' is unknown; use auto, sd, sdxl, sd3 or flux"),
     ({"build": "huge"}, "model.build='huge' is unknown; use one of ["),
     ({"dtype": "float8"}, "unknown dtype 'float8'; use one of "),
 ])

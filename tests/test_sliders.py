@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from datamodules.sliders import SliderPrompts, SliderTemplate, load_templates
-from tests.helpers import method_settings
+from tests.helpers import method_settings, slider_batch
 from tests.test_train import ROOT, run_train
 from utils.errors import ConfigError
 
@@ -103,12 +103,6 @@ def slider_module(tiny_dir, **kwargs):
     return module
 
 
-def batch_of(template: dict, phrase: str) -> dict:
-    t = SliderTemplate.from_dict(template)
-    return {**{k: [v] for k, v in t.prompts(phrase).items()}, "sign": torch.tensor([t.sign]),
-            "guidance_scale": torch.tensor([t.guidance_scale])}
-
-
 def encode_with_row(backbone, tokens, prompt: str, row: torch.Tensor):
     """The prompt's conditioning with the token's table row set to `row` (the hooks off)."""
     weight = backbone.text_encoders[0].get_input_embeddings().weight
@@ -130,7 +124,7 @@ def test_textual_loss_is_eq5_by_hand(tiny_dir, monkeypatch, action):
     with torch.no_grad():
         module.tokens.rows[0].rows.normal_(generator=torch.Generator().manual_seed(1))
     template = {**SIZE, "action": action}
-    batch = batch_of(template, "red circle")
+    batch = slider_batch(template, "red circle")
     z0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(2))
     module.pool.latents["a red circle"] = z0
     monkeypatch.setattr(module, "step_generator", lambda offset=0: torch.Generator().manual_seed(7))
@@ -157,7 +151,7 @@ def test_textual_loss_is_eq5_by_hand(tiny_dir, monkeypatch, action):
 def test_gradients_reach_only_the_token_row(tiny_dir):
     module = slider_module(tiny_dir)
     module.pool.size = 1
-    module.textual_loss(batch_of(SIZE, "blue star")).backward()
+    module.textual_loss(slider_batch(SIZE, "blue star")).backward()
     trained = [p for p in module.parameters() if p.grad is not None]
     assert trained == [module.tokens.rows[0].rows] and module.tokens.rows[0].rows.grad.abs().sum() > 0
 
@@ -180,7 +174,7 @@ def test_reference_code_variant_trains_without_alpha(tiny_dir, monkeypatch):
     module = slider_module(tiny_dir, variant="reference_code", reference_code={"denoise_steps": 4})
     scales = []
     monkeypatch.setattr(module.tokens, "set_scale", lambda s: scales.append(s))
-    loss = module.textual_loss(batch_of(SIZE, "red circle"))
+    loss = module.textual_loss(slider_batch(SIZE, "red circle"))
     assert torch.isfinite(loss) and module.pool.latents == {}
     assert all(s is None for s in scales)
 

@@ -40,19 +40,9 @@ register_resolvers()
 
 def read_prompts(cfg: DictConfig) -> list[str]:
     """The prompt set: cfg.prompts, or a file (.txt: one prompt per line; .json: a list)."""
-    from utils.errors import ConfigError
+    from datamodules.prompts import read_prompt_file
 
-    if not cfg.prompts_file:
-        return list(cfg.prompts or [])
-    path = Path(cfg.prompts_file).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"prompts_file={path} does not exist; give a .txt (one prompt per line) or a .json list")
-    if path.suffix == ".json":
-        prompts = json.loads(path.read_text())
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError(f"prompts_file={path} must hold a JSON list of strings")
-        return prompts
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return read_prompt_file(cfg.prompts_file) if cfg.prompts_file else list(cfg.prompts or [])
 
 
 def artifact_infos(artifact) -> list:
@@ -110,7 +100,7 @@ def run(cfg: DictConfig, fabric) -> dict:
     from diffusion.sampling import generate
     from metrics.evaluation import gather_images, plan, render_jobs, sample_grid, score, shard, source_images
     from utils.images import save_png
-    from utils.io import write_json
+    from utils.io import write_json, write_table
 
     main = fabric.global_rank == 0
     device = fabric.device
@@ -168,28 +158,12 @@ def run(cfg: DictConfig, fabric) -> dict:
     return summary
 
 
-def write_table(path: Path, rows: list[dict]) -> None:
-    """Rows as CSV (columns: the union of the rows' keys, in first-seen order), written atomically."""
-    import csv
-    import io
-
-    from utils.io import atomic_path
-
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(buffer.getvalue())
-
-
 def add_to_sweep_table(cfg: DictConfig, rows: list[dict]) -> None:
     """Under -m, add this job's rows (tagged with its overrides) to <sweep dir>/table.csv and table.json."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from utils.io import write_json
+    from utils.io import write_json, write_table
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return

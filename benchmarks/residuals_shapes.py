@@ -31,11 +31,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 CONCEPTS = ("sun_medal", "moon_token", "love_seal", "cross_shield", "ember_gem")
-METHODS = {  # name -> train.py overrides
-    "residuals": ["method=residuals"],
-    "kv": ["method=residuals", "module.targets=kv"],
-    "textual_inversion": ["method=textual_inversion"],
-    "residuals_zero": ["method=residuals", "module.init=zero"],  # B = 0 at the start instead of random
+# name -> train.py overrides: each experiment's training (conf/experiment/), its evaluation replaced by evaluate()'s
+# fuller one (every prompt of PROMPTS), on each concept's images
+METHODS = {
+    "residuals": ["experiment=residuals_shapes", "callbacks.evaluation=null"],
+    "kv": ["experiment=residuals_shapes", "callbacks.evaluation=null", "module.targets=kv"],
+    "textual_inversion": ["experiment=ti_shapes", "callbacks.evaluation=null"],
+    "residuals_zero": ["experiment=residuals_shapes", "callbacks.evaluation=null", "module.init=zero"],  # B = 0 first
 }
 PROMPTS = ROOT / "assets" / "prompts" / "personalization_eval.txt"
 SEEDS = "[0,1,2,3,4]"

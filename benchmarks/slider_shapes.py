@@ -32,18 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
+SIZE = ["experiment=slider_size_shapes", "callbacks.evaluation=null"]  # its training; evaluate() scores it
 RUNS = {  # name: train.py overrides
-    "size_paper": ["method=prompt_slider", "slider=shapes_size"],
-    "size_paper_eta0.5": ["method=prompt_slider", "slider=shapes_size", "slider.templates.0.guidance_scale=0.5"],
-    "size_paper_eta0.33": ["method=prompt_slider", "slider=shapes_size", "slider.templates.0.guidance_scale=0.33"],
+    "size_paper": SIZE,
+    "size_paper_eta0.5": [*SIZE, "slider.templates.0.guidance_scale=0.5"],
+    "size_paper_eta0.33": [*SIZE, "slider.templates.0.guidance_scale=0.33"],
     # the reference code's z_t costs a partial denoising per step: 1000 steps, as the LoRA baseline's recipe
     "size_reference_code": ["method=prompt_slider", "slider=shapes_size", "module.variant=reference_code",
                             "trainer.max_steps=1000"],
     "size_lora": ["method=concept_slider", "slider=shapes_size"],
     "dark_paper": ["method=prompt_slider", "slider=shapes_dark"],
-    "erase_red": ["method=prompt_slider", "slider=shapes_erase_red"],
+    "erase_red": ["experiment=slider_erase_shapes", "callbacks.evaluation=null"],
     "erase_red_eta2": ["method=prompt_slider", "slider=shapes_erase_red", "slider.templates.0.guidance_scale=2.0"],
-    "size_paper_shapes_b": ["method=prompt_slider", "slider=shapes_size", "model=shapes_b"],
+    "size_paper_shapes_b": [*SIZE, "model=shapes_b"],
 }
 ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0)
 SEEDS = (0, 1, 2, 3, 4)

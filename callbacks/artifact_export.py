@@ -33,4 +33,4 @@ class ArtifactExport(L.Callback):
             ensure_finite(trainer)
             paths = pl_module.export_artifacts(self.dirpath)
             log.info("artifacts: %s", ", ".join(str(p) for p in paths))
-            log_wandb_artifact(trainer, paths, name=self.name, kind="model")
+            log_wandb_artifact(trainer, paths, name=self.name, kind="model", root=self.dirpath)

@@ -1,7 +1,7 @@
 """Callbacks that sample the model being trained: a sample grid, and evaluation with metrics.
 
-Both render a prompt set x seeds x an optional swept setting through the module's `sample`
-(so a method's own settings, a slider's strength or LAG, can be swept), split across DDP ranks
+Both render a prompt set (a list, or a prompts_file) x seeds x an optional swept setting through the
+module's `sample` (so a method's own settings, a slider's strength or LAG, can be swept), split across DDP ranks
 (`metrics.evaluation`). They run every N steps and when training ends, on every rank at once.
 """
 
@@ -20,6 +20,7 @@ from metrics.evaluation import (Job, Sweep, available_fields, check_texts, gathe
                                 sample_grid, score, shard, source_images)
 from metrics.suite import MetricSuite
 from datamodules.image_set import load_reference_set, scan_image_set
+from datamodules.prompts import read_prompt_file
 from diffusion.tokens import fill_template
 from utils.errors import ConfigError
 from utils.images import save_png
@@ -33,9 +34,10 @@ class SamplingCallback(L.Callback):
     def __init__(self, dirpath: str, prompts: Sequence[str], seeds: Sequence[int] = (0, 1),
                  sweep: Mapping[str, Sequence] | None = None, class_word: str = "", every_n_steps: int = 0,
                  at_end: bool = True, num_steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str = "",
-                 batch_size: int = 8):
+                 batch_size: int = 8, prompts_file: str | None = None):
         self.dirpath = Path(dirpath)
-        self.templates, self.seeds = list(prompts), [int(s) for s in seeds]
+        self.templates = read_prompt_file(prompts_file, "callbacks.*.prompts_file") if prompts_file else list(prompts)
+        self.seeds = [int(s) for s in seeds]
         self.texts = [fill_template(t, class_word) for t in self.templates]  # what CLIP-T and the probes read
         self.sweep = Sweep.from_config(sweep)
         self.class_word = class_word

@@ -1,7 +1,9 @@
-"""Prompt templates. '{}' is where the concept token goes."""
+"""Prompt templates ('{}' is where the concept token goes) and prompt-set files."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 from utils.errors import ConfigError
@@ -46,3 +48,16 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
         if t.count("{}") != 1:
             raise ConfigError(f"template {t!r} must contain exactly one '{{}}' where the token goes")
     return templates
+
+
+def read_prompt_file(path: str | Path, key: str = "prompts_file") -> list[str]:
+    """A prompt set from a file: .txt (one prompt per line; blank lines and '#' comments skipped) or a .json list."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={path} does not exist; give a .txt (one prompt per line) or a .json list")
+    if path.suffix == ".json":
+        prompts = json.loads(path.read_text())
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"{key}={path} must hold a JSON list of strings")
+        return prompts
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]

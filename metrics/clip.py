@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from metrics.base import PerImageMean
 from utils.errors import ConfigError

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from metrics.suite import MetricSuite, inputs_of
@@ -40,6 +41,8 @@ class Sweep:
                               f"got {sorted(sweep)}")
         (name, values), = sweep.items()
         values = list(values) if isinstance(values, Sequence) and not isinstance(values, str) else [values]
+        values = [tuple(OmegaConf.to_container(v)) if OmegaConf.is_list(v) else v for v in values]  # one per slider:
+        #   a plain, hashable (0, 2) that the table and metrics.json write as [0, 2]
         if not values:
             raise ConfigError(f"sweep.{name} has no values")
         return cls(str(name), tuple(values))

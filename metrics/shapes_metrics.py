@@ -1,4 +1,5 @@
-"""Shapes-world measures as torchmetrics Metrics: attribute accuracy, concept identity, size slope, mask IoU.
+"""Shapes-world measures as torchmetrics Metrics: attribute accuracy, concept identity, size slope, the
+read object area and background brightness, mask IoU.
 
 Each keeps sums (or, for the size slope, the raw readings) as metric states, so under DDP every
 rank updates with its share of the images and `compute` returns the value of the whole set. The
@@ -15,7 +16,7 @@ from torchmetrics import Metric
 
 from datamodules.shapes.world import Badge, Scene
 from metrics.base import PerImageMean
-from metrics.shapes_probes import ShapesProbe, default_probe, score_readings
+from metrics.shapes_probes import ShapesProbe, default_probe, estimate_background, score_readings
 
 ATTRIBUTES = ("background", "count", "shape", "colour", "texture", "size")
 
@@ -129,6 +130,28 @@ class SizeSlope(_ProbeMetric):
         for v in values.unique().tolist():
             out[f"area@{v:g}"] = areas[values == v].mean().float()
         return out
+
+
+class ShapesReadout(_ProbeMetric):
+    """What a slider moves, read without a prompt to judge against: the mean read area of each image's
+    first object (0 when none is read) and the mean background brightness (the border's median colour,
+    averaged over RGB, in [0, 1]). Composing sliders compares these between their settings."""
+
+    def __init__(self, probe: ShapesProbe | None = None, **kwargs):
+        super().__init__(probe, **kwargs)
+        for name in ("area", "background_brightness", "total"):
+            self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, images: torch.Tensor) -> None:
+        pixels = self._pixels(images)
+        areas = [r.objects[0].area if r.objects else 0.0 for r in self.reader.read(pixels)]
+        self.area += torch.tensor(areas, dtype=torch.float64).sum().to(self.device)
+        self.background_brightness += estimate_background(pixels).double().mean(1).sum().to(self.device)
+        self.total += float(len(pixels))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"area": (self.area / self.total).float(),
+                "background_brightness": (self.background_brightness / self.total).float()}
 
 
 class MaskIoU(PerImageMean):

@@ -31,7 +31,7 @@ from metrics.clip import CLIPImageSimilarity, CLIPTextScore
 from metrics.dino import DINOSimilarity, StructureDistance
 from metrics.image_quality import NSLPIPS, PSNR, SSIM
 from metrics.lpips import LPIPS
-from metrics.shapes_metrics import ConceptIdentity, MaskIoU, ShapesAttributeAccuracy, SizeSlope
+from metrics.shapes_metrics import ConceptIdentity, MaskIoU, ShapesAttributeAccuracy, ShapesReadout, SizeSlope
 from utils.errors import ConfigError
 
 # most specific class first: NSLPIPS is an LPIPS
@@ -46,6 +46,7 @@ INPUTS: list[tuple[type, tuple[str, ...]]] = [
     (SSIM, ("images", "sources")),
     (ShapesAttributeAccuracy, ("images", "scenes")),
     (ConceptIdentity, ("images",)),
+    (ShapesReadout, ("images",)),
     (SizeSlope, ("images", "scenes", "values", "groups")),
     (MaskIoU, ("masks", "target_masks")),
 ]

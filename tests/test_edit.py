@@ -227,13 +227,15 @@ def test_edit_py_bad_blend_words_are_one_error_line(method, words, message, imag
 
 
 def test_edit_py_runs_with_no_argument(tmp_path):
-    """`python edit.py`: StyleDiffusion recolours a shipped shapes-world scene, with a tiny random image encoder
-    built on first use (the step counts are cut here to keep the test short)."""
+    """`python edit.py`: StyleDiffusion recolours a shipped shapes-world scene, with a random image encoder built
+    on first use (the paper's ViT-B/16 by default; the tiny one and cut step counts here to keep the test short)."""
     import edit
     from tests.helpers import compose_cfg
 
     out = tmp_path / "run"
-    cfg = compose_cfg("edit", ["num_steps=3", "edit_method.inner.K=2", f"paths.cache_dir={tmp_path / 'cache'}"],
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    assert compose_cfg("edit", [cache], out).edit_method.image_encoder.build == "base"
+    cfg = compose_cfg("edit", ["num_steps=3", "edit_method.inner.K=2", "edit_method.image_encoder.build=tiny", cache],
                       out)
     summary = edit.edit(cfg)
     assert summary["method"] == "style_diffusion" and summary["model"] == "shapes"

@@ -292,3 +292,16 @@ def test_a_run_folder_moved_elsewhere_still_evaluates(tmp_path):
     run_evaluate(f"artifact={moved}", "metrics=shapes_concept", *FAST, f"hydra.run.dir={out}")
     samples = json.loads((out / "samples.json").read_text())
     assert samples["artifact"] == [str(moved / "learned_embeds.safetensors")] and len(samples["samples"]) == 4
+
+
+def test_sampling_callbacks_read_a_prompts_file(tmp_path):
+    from callbacks.sampling import SampleGrid
+    from utils.errors import ConfigError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na photo of a {}\n\na painting of a {}\n")
+    grid = SampleGrid(str(tmp_path), prompts=["ignored"], prompts_file=str(prompts), class_word="cat")
+    assert grid.templates == ["a photo of a {}", "a painting of a {}"]
+    assert grid.texts == ["a photo of a cat", "a painting of a cat"]
+    with pytest.raises(ConfigError, match=r"callbacks.\*.prompts_file=.*absent.txt does not exist"):
+        SampleGrid(str(tmp_path), prompts=[], prompts_file=str(tmp_path / "absent.txt"))

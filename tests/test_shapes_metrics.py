@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from datamodules.shapes.concepts import reference_scenes
 from datamodules.shapes.render import render_batch
 from datamodules.shapes.world import ObjectSpec, Scene, SceneSampler
-from metrics.shapes_metrics import ConceptIdentity, MaskIoU, ShapesAttributeAccuracy, SizeSlope, spearman
+from metrics.shapes_metrics import (ConceptIdentity, MaskIoU, ShapesAttributeAccuracy, ShapesReadout, SizeSlope,
+                                    spearman)
 
 
 def scenes(n: int, seed: int = 0) -> list[Scene]:
@@ -51,6 +52,20 @@ def test_attribute_accuracy_is_one_on_renders_and_catches_a_wrong_caption():
     stated_colours = sum(o.badge is None for s in truth for o in s.objects)
     assert stated_colours > 0 and scores["colour"].item() <= 0.05
     assert scores["shape"].item() >= 0.95 and "probe" not in dict(metric.state_dict())
+
+
+def test_readout_reads_area_and_background_brightness():
+    """The first object's read area grows with its size; a black background reads darker than a white one."""
+    def readout(background: str, size: float) -> dict[str, float]:
+        images, _ = render_batch([Scene(background, [ObjectSpec("circle", "red", size, 0.5, 0.5)])] * 2)
+        metric = ShapesReadout()
+        metric.update(images)
+        return {k: v.item() for k, v in metric.compute().items()}
+
+    small, large, dark = readout("white", 0.12), readout("white", 0.3), readout("black", 0.12)
+    assert 0 < small["area"] < large["area"] < 1 and large["area"] / small["area"] > 3
+    assert small["background_brightness"] > 0.85 and dark["background_brightness"] < 0.15
+    assert abs(dark["area"] - small["area"]) < 0.02
 
 
 def test_concept_identity_separates_concepts():

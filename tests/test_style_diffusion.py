@@ -445,15 +445,16 @@ def test_the_default_images_are_shipped_and_reproducible(tmp_path):
 
 
 def test_the_method_runs_with_no_data_argument(tmp_path):
-    """`python train.py method=style_diffusion` on the shapes world: the default scenes, a tiny random encoder built
-    on first use (the step counts are cut here to keep the test short)."""
+    """`python train.py method=style_diffusion` on the shapes world: the default scenes, a random encoder built on
+    first use (the paper's ViT-B/16 by default; the tiny one and cut step counts here to keep the test short)."""
     import train
 
     out = tmp_path / "run"
-    cfg = compose_cfg("train", ["method=style_diffusion", "trainer=cpu", "logger=csv", "data.num_steps=3",
-                                "module.inner.K=2", f"paths.cache_dir={tmp_path / 'cache'}"], out)
+    default = ["method=style_diffusion", "trainer=cpu", "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}"]
+    assert compose_cfg("train", default, out).module.image_encoder.build == "base"
+    cfg = compose_cfg("train", [*default, "data.num_steps=3", "module.inner.K=2", "module.image_encoder.build=tiny"],
+                      out)
     assert cfg.model.name == "shapes" and Path(cfg.data.images_dir).name == "shapes_captioned"
-    assert cfg.module.image_encoder.build == "tiny"
     train.train(cfg)
     for stem in ("00", "01", "02"):
         info = json.loads((out / "style_diffusion" / stem / "style_diffusion.json").read_text())
@@ -464,8 +465,8 @@ def test_the_method_runs_with_no_data_argument(tmp_path):
 def test_the_encoder_folder_follows_its_build(tmp_path):
     """Each random architecture has its own folder; without one the paper's CLIP ViT-B/16 is read, and a missing one
     is an error, never built."""
-    cases = {("model=shapes",): ("clip-vision-tiny-random", "tiny"),
-             ("model=shapes", "module.image_encoder.build=base"): ("clip-vision-base-random", "base"),
+    cases = {("model=shapes",): ("clip-vision-base-random", "base"),
+             ("model=shapes", "module.image_encoder.build=tiny"): ("clip-vision-tiny-random", "tiny"),
              ("model=sd15",): ("clip-vit-base-patch16", None),
              ("model=shapes", "module.image_encoder.build=null"): ("clip-vit-base-patch16", None)}
     for overrides, (folder, build) in cases.items():

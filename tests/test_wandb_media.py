@@ -51,3 +51,30 @@ def test_wandb_table_takes_a_sweep_with_its_over_the_sweep_row(monkeypatch):
     loggers.log_wandb_table(types.SimpleNamespace(global_step=3), "eval/table", rows)
     (table,) = [data["eval/table"] for data in logged]
     assert [row[1] for row in table.data] == ["0", "3", "all"] and table.data[2][3] == 0.9
+
+
+def test_artifact_files_keep_their_folders(tmp_path, monkeypatch):
+    """An inversion run exports one mapping_networks.safetensors per image: the artifact names each by its path
+    under the run folder, so they do not collide."""
+    import utils.loggers as loggers
+
+    logged = []
+
+    class Run:
+        id = "run0"
+
+        def log_artifact(self, artifact):
+            logged.append(artifact)
+
+    paths = []
+    for stem in ("00", "01"):
+        folder = tmp_path / "style_diffusion" / stem
+        folder.mkdir(parents=True)
+        for name in ("mapping_networks.safetensors", "style_diffusion.json"):
+            (folder / name).write_text(stem)
+            paths.append(folder / name)
+    monkeypatch.setattr(loggers, "wandb_runs", lambda trainer: [Run()])
+    loggers.log_wandb_artifact(None, paths, name="style_diffusion", kind="model", root=tmp_path)
+    entries = set(logged[0].manifest.entries)
+    assert entries == {f"style_diffusion/{stem}/{name}" for stem in ("00", "01")
+                       for name in ("mapping_networks.safetensors", "style_diffusion.json")}

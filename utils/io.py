@@ -53,6 +53,21 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_table(path: str | Path, rows: list[dict]) -> None:
+    """Rows as CSV (columns: the union of the rows' keys, in first-seen order), written atomically."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: json.dumps(list(v)) if isinstance(v, (list, tuple)) else v for k, v in row.items()}
+                     for row in rows)  # a sweep value per slider reads [0, 2], as in metrics.json
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
 def read_json(path: str | Path, error: type[Exception]) -> Any:
     """The content of a JSON file; `error` (a one-line project error) naming the file if it is not JSON."""
     try:

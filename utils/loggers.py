@@ -59,19 +59,23 @@ def log_wandb_table(trainer, key: str, rows: list[dict]) -> None:
         run.log({key: table}, step=trainer.global_step)
 
 
-def log_wandb_artifact(trainer, paths: list[Path], name: str, kind: str) -> None:
-    """The exported files (folders included) as one wandb Artifact of type `kind`; offline runs keep it for
+def log_wandb_artifact(trainer, paths: list[Path], name: str, kind: str, root: Path | None = None) -> None:
+    """The exported files (folders included) as one wandb Artifact of type `kind`, each named by its path under
+    `root` (an inversion run's images each have a mapping_networks.safetensors); offline runs keep it for
     `wandb sync`."""
     runs = wandb_runs(trainer)
     if not runs or not paths:
         return
     import wandb
 
+    def entry(path: Path) -> str:
+        return str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else path.name
+
     for run in runs:
         artifact = wandb.Artifact(name=f"{name}-{run.id}", type=kind)
         for path in map(Path, paths):
             if path.is_dir():
-                artifact.add_dir(str(path), name=path.name)
+                artifact.add_dir(str(path), name=entry(path))
             elif path.is_file():
-                artifact.add_file(str(path), name=path.name)
+                artifact.add_file(str(path), name=entry(path))
         run.log_artifact(artifact)

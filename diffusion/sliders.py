@@ -7,7 +7,8 @@
   At strength 0 the paper's form reads the prompt with a zero vector in the token's place: CLIP is
   causal, so the positions after it (end token, padding) still differ from the plain prompt.
   On SD3 / FLUX the token has rows in every text encoder (CLIP-L, CLIP-G, T5), each scaled by the strength.
-- `LoraSlider` (Concept Sliders): the strength is the LoRA scale; prompts are unchanged.
+- `LoraSlider` (Concept Sliders): the strength is the LoRA scale (on the UNet, or the SD3 / FLUX transformer);
+  prompts are unchanged.
 
 `SliderSet` holds the sliders of a sampling call: `prompt()` appends their tokens, `strengths()`
 sets each one's strength, `encoder()` is the prompt encoding `generate` should use.
@@ -23,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from diffusion.backbone import Backbone, Conditioning
+from diffusion.backbone import FLOW_KINDS, Backbone, Conditioning
 from diffusion.flow import FlowBackbone
 from diffusion.tokens import TokenRows
 from utils.errors import ArtifactError, ConfigError
@@ -139,6 +140,17 @@ def read_slider_info(path: str | Path) -> dict | None:
     return read_info_beside(path, SLIDER_INFO, required=("method", "file"))
 
 
+def lora_host(backbone: Backbone | FlowBackbone, path: Path, trained_on: str | None) -> tuple[torch.nn.Module, str]:
+    """The model a concept slider's LoRA sits on and its file's key prefix: the UNet, or the SD3 / FLUX transformer
+    named by slider.json's kind."""
+    flow_kind = backbone.kind if isinstance(backbone, FlowBackbone) else None
+    lora_kind = trained_on if trained_on in FLOW_KINDS else None  # None: a UNet LoRA (SD1.x / SDXL)
+    if flow_kind != lora_kind:
+        raise ArtifactError(f"{path} is a concept_slider (a {lora_kind or 'UNet'} LoRA); load it on the "
+                            f"{lora_kind or 'SD1.x / SDXL'} model it was trained on, not on {flow_kind or 'a UNet'}")
+    return (backbone.transformer, "transformer") if flow_kind else (backbone.unet, "unet")
+
+
 def load_slider(backbone: Backbone, path: str | Path, adapter_name: str | None = None) -> TokenSlider | LoraSlider:
     """A slider artifact (a run folder or its file) added to `backbone`, at strength 1."""
     from diffusion.lora import load_lora
@@ -150,13 +162,11 @@ def load_slider(backbone: Backbone, path: str | Path, adapter_name: str | None =
         raise ArtifactError(f"{path} has no {SLIDER_INFO} beside it; pass a prompt_slider or concept_slider run")
     file = path if path.is_file() else path / info["file"]
     if info["method"] == "concept_slider":
-        if isinstance(backbone, FlowBackbone):
-            raise ArtifactError(f"{path} is a concept_slider (a UNet LoRA); load it on the SD1.x / SDXL model it was "
-                                f"trained on, not on {backbone.kind}")
+        model, prefix = lora_host(backbone, path, info.get("kind"))
         name = adapter_name or info.get("adapter_name") or file.parent.name
-        load_lora(backbone.unet, file, adapter_name=name)
-        backbone.unet.set_adapters(list(backbone.unet.peft_config))  # every loaded slider active, composing
-        return LoraSlider(backbone.unet, name)
+        load_lora(model, file, adapter_name=name, prefix=prefix)
+        model.set_adapters(list(model.peft_config))  # every loaded slider active, composing
+        return LoraSlider(model, name)
     names, written = load_embedding_ids(backbone, file, token=info.get("token"))
     rows = [TokenRows(backbone.text_encoders[i].get_input_embeddings(), ids) for i, ids in sorted(written.items())]
     return TokenSlider(" ".join(names), rows, appended=not info.get("erase", False),

@@ -22,6 +22,7 @@ from torch import nn
 
 from diffusion.builds import ensure_built_pipeline
 from diffusion.dtypes import resolve_dtype
+from diffusion.model_index import flow_kind, hub_model_index
 from diffusion.schedules import SD_BETAS
 from utils.errors import ConfigError, ModelLoadError
 
@@ -219,11 +220,9 @@ class Backbone(nn.Module):
 def _detect_kind(path: Path | None, index: dict | None) -> str:
     """sd / sdxl / sd3 / flux from a hub model_index.json or a local folder (its model_index.json names SD3 and
     FLUX pipelines; otherwise its folders decide, as they always have)."""
-    pipeline = str((index if index is not None else _local_index(path)).get("_class_name", ""))
-    if pipeline.startswith("StableDiffusion3"):
-        return "sd3"
-    if pipeline.startswith("Flux"):
-        return "flux"
+    flow = flow_kind(index if index is not None else _local_index(path))
+    if flow is not None:
+        return flow
     if index is not None:
         return "sdxl" if "text_encoder_2" in index else "sd"
     return "sdxl" if path is not None and (path / "text_encoder_2").is_dir() else "sd"
@@ -337,12 +336,7 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
     else:
         source = str(path)
         if kind == "auto":
-            try:
-                from huggingface_hub import hf_hub_download
-                index = json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())
-            except Exception as e:  # noqa: BLE001 - any hub failure becomes one line
-                raise ModelLoadError(f"{key}={path} is neither a local folder nor a reachable hub id "
-                                     f"({type(e).__name__}); download the model and point {key} at its folder") from e
+            index = hub_model_index(source, revision, key)
             kind = _detect_kind(None, index)
     if kind in FLOW_KINDS:
         from diffusion.flow import load_flow_backbone

@@ -30,6 +30,7 @@ from torch import nn
 
 from diffusion.builds import ensure_built_pipeline
 from diffusion.dtypes import resolve_dtype
+from diffusion.model_index import flow_kind, hub_model_index
 from utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -481,18 +482,12 @@ def _read_model_index(path: str, revision: str | None, key: str) -> dict:
         return json.loads(index.read_text())
     if local.exists() or len(path.split("/")) != 2:
         raise ModelLoadError(f"{key}={path} does not exist; point it at a diffusers SD3 or FLUX folder or hub id")
-    try:
-        from huggingface_hub import hf_hub_download
-        return json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text())
-    except Exception as e:  # noqa: BLE001 - any hub failure becomes one line
-        raise ModelLoadError(f"{key}={path} is neither a local folder nor a reachable hub id "
-                             f"({type(e).__name__}); download the model and point {key} at its folder") from e
+    return hub_model_index(path, revision, key)
 
 
 def _pipeline_kind(index: dict, path, key: str) -> str:
-    class_name = str(index.get("_class_name", ""))
-    if class_name.startswith("StableDiffusion3"):
-        return "sd3"
-    if class_name.startswith("Flux"):
-        return "flux"
-    raise ModelLoadError(f"{key}={path} is a {class_name or 'unnamed'} pipeline; flow backbones are SD3 or FLUX")
+    kind = flow_kind(index)
+    if kind is None:
+        raise ModelLoadError(f"{key}={path} is a {index.get('_class_name') or 'unnamed'} pipeline; flow backbones "
+                             f"are SD3 or FLUX")
+    return kind

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+from timing import sync, time_in_turns  # noqa: E402
 
 
 def train(models: list[str], methods: list[str], steps: int, out: Path, overrides: list[str]) -> list[dict]:
@@ -54,7 +56,6 @@ def train(models: list[str], methods: list[str], steps: int, out: Path, override
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
 
 def sample(models: list[str], repeats: int) -> list[dict]:
@@ -91,19 +92,11 @@ def sample(models: list[str], repeats: int) -> list[dict]:
             "prompt_slider_s": lambda: run(prompt_slider.prompt(prompt), prompt_slider),
             "lora_slider_s": lambda: run(prompt, lora),
         }
-        times: dict[str, list[float]] = {name: [] for name in variants}
+        def setting(name: str):  # the LoRA stays on the UNet: off but for its own variant
+            return lora_disabled(backbone.unet) if name != "lora_slider_s" else contextlib.nullcontext()
+
         with prompt_slider.strengths(2.0), lora.strengths(2.0):
-            for r in range(repeats + 1):
-                for name, fn in variants.items():
-                    context = lora_disabled(backbone.unet) if name != "lora_slider_s" else contextlib.nullcontext()
-                    with context:
-                        sync()
-                        start = time.perf_counter()
-                        fn()
-                        sync()
-                        if r:  # the first round warms up
-                            times[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(t) for name, t in times.items()}
+            medians = time_in_turns(variants, repeats, setting)
         params = sum(p.numel() for n, p in backbone.unet.named_parameters() if "lora_" in n)
         rows.append({"model": model, **medians, "lora_load_s": load_s, "lora_params": params, "repeats": repeats})
         print(json.dumps(rows[-1]), flush=True)

@@ -168,7 +168,9 @@ class ImageSet:
         if self.captions is not None:
             template = self.captions[i]
         flip = bool(torch.rand((), generator=g) < self.flip_p)
-        item = {"pixel_values": self.images[i], "prompt": template.format(self.token), "index": i}
+        # image_key names the pixels (image i, flipped or not): trainers keep each one's VAE posterior
+        item = {"pixel_values": self.images[i], "prompt": template.format(self.token), "index": i,
+                "image_key": f"{i}{'f' if flip else ''}"}
         if self.masks[i] is not None:
             item["mask"] = self.masks[i]
         for j, p in enumerate(self.pairs[i]):

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from diffusion.builds import ensure_built_pipeline
-from diffusion.dtypes import resolve_dtype
+from diffusion.dtypes import resolve_dtype, weight_device, weight_dtype
 from diffusion.model_index import flow_kind, hub_model_index
 from diffusion.schedules import SD_BETAS
+from diffusion.vae import draw_from_posterior, vae_posterior
 from utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,11 @@ class Backbone(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return weight_dtype(self.unet)
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return weight_device(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -163,14 +164,21 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] -> scaled latents (a sample of the posterior)."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = dist.sample(generator) if generator is not None else dist.sample()
-        return latents * self.vae.config.scaling_factor
+        return self.posterior_latents(*self.image_posterior(pixels), generator)
+
+    def image_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and standard deviation of pixels in [-1, 1]."""
+        return vae_posterior(self.vae, pixels)
+
+    def posterior_latents(self, mean: torch.Tensor, std: torch.Tensor,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents sampled from a posterior."""
+        return draw_from_posterior(mean, std, generator) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0, 1]."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        images = self.vae.decode(latents.to(weight_dtype(self.vae)) / self.vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ----- the UNet ----------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
+from diffusion.dtypes import weight_device, weight_dtype
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ class UNetGraphs:
     """`graphs(sample, timestep, encoder_hidden_states, added_cond_kwargs)` -> the UNet's output, replayed."""
 
     def __init__(self, unet: nn.Module, max_graphs: int = 16):
-        if not torch.cuda.is_available() or unet.device.type != "cuda":
+        if not torch.cuda.is_available() or weight_device(unet).type != "cuda":
             raise RuntimeError("CUDA graphs need the UNet on a CUDA device")
         if any(p.requires_grad for p in unet.parameters()):
             raise RuntimeError("CUDA graphs replay a frozen UNet; this one has trained parameters")
@@ -44,9 +46,9 @@ class UNetGraphs:
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None) -> torch.Tensor:
         if not self.plain_attention() or any(p.requires_grad for p in self.unet.parameters()):
-            return self.unet(sample.to(self.unet.dtype), timestep, encoder_hidden_states=encoder_hidden_states,
+            return self.unet(sample.to(weight_dtype(self.unet)), timestep, encoder_hidden_states=encoder_hidden_states,
                              added_cond_kwargs=added_cond_kwargs).sample
-        dtype = self.unet.dtype
+        dtype = weight_dtype(self.unet)
         args = [sample.to(dtype), timestep.expand(sample.shape[0]), encoder_hidden_states.to(dtype)]
         if added_cond_kwargs:
             args += [added_cond_kwargs["text_embeds"].to(dtype), added_cond_kwargs["time_ids"].to(dtype)]

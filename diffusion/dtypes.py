@@ -28,3 +28,15 @@ def dtype_for_precision(precision: str | int | None) -> torch.dtype:
     if text.startswith("16"):
         return torch.float16
     return torch.float32
+
+
+def weight_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's first parameter. diffusers' ModelMixin.dtype and .device walk every submodule for
+    offloading hooks first (0.7 ms a call for the 6M-parameter shapes UNet, more for larger models), a cost paid on
+    every training step that asks."""
+    return next(module.parameters()).dtype
+
+
+def weight_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (see weight_dtype)."""
+    return next(module.parameters()).device

@@ -45,6 +45,7 @@ import torch
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone
+from diffusion.flow import FlowBackbone
 from diffusion.image_encoder import ImageEncoderSettings
 from diffusion.inversion import invert_latents, negative_prompt_inversion, null_text_inversion
 from diffusion.mapping import MappingSettings
@@ -166,6 +167,7 @@ class EditMethod:
     """What every method has: its step count (the paper's). Subclasses add their settings and `edit`."""
 
     num_steps: int
+    flow_backbones: ClassVar[bool] = False  # True: edits SD3 / FLUX (diffusion/flow_editing.py), not UNet models
 
     def __post_init__(self):
         check_whole(f"{KEY}num_steps", self.num_steps, 1)
@@ -176,6 +178,10 @@ class EditMethod:
     def __call__(self, backbone: Backbone, z0: torch.Tensor, source: str, target: str, num_steps: int | None = None,
                  guidance_scale: float = 7.5, seed: int = 0, pixels: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs(z0, source, target)
+        if isinstance(backbone, FlowBackbone) != self.flow_backbones:
+            raise ConfigError(f"{type(self).__name__} edits {'rectified-flow' if self.flow_backbones else 'UNet'} "
+                              f"models, not this {getattr(backbone, 'kind', 'sd')} one; use edit_method=flow_p2p on "
+                              f"SD3 / FLUX, another method on Stable Diffusion")
         self.check_prompts(source, target)  # before any inversion
         steps = self.num_steps if num_steps is None else int(num_steps)
         return self.edit(backbone, z0, source, target, steps, float(guidance_scale), int(seed), pixels)

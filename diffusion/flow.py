@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.builds import ensure_built_pipeline
-from diffusion.dtypes import resolve_dtype
+from diffusion.dtypes import resolve_dtype, weight_device, weight_dtype
 from diffusion.model_index import flow_kind, hub_model_index
+from diffusion.vae import draw_from_posterior, vae_posterior
 from utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,11 @@ class FlowBackbone(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return weight_dtype(self.transformer)
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return weight_device(self.transformer)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -302,14 +303,21 @@ class FlowBackbone(nn.Module):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] -> normalised latents (a sample of the posterior): (z - shift) * scale."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = dist.sample(generator)
-        return (latents - self._vae_shift) * self.vae.config.scaling_factor
+        return self.posterior_latents(*self.image_posterior(pixels), generator)
+
+    def image_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and standard deviation of pixels in [-1, 1]."""
+        return vae_posterior(self.vae, pixels)
+
+    def posterior_latents(self, mean: torch.Tensor, std: torch.Tensor,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised latents sampled from a posterior."""
+        return (draw_from_posterior(mean, std, generator) - self._vae_shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in [0, 1]."""
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._vae_shift
+        latents = latents.to(weight_dtype(self.vae)) / self.vae.config.scaling_factor + self._vae_shift
         images = self.vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
@@ -454,13 +462,15 @@ def load_flow_backbone(path: str | None, kind: str = "auto", dtype: str | torch.
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{key}={path} could not be loaded ({str(e).splitlines()[0]}); "
                              f"point it at a complete diffusers-format {FLOW_PIPELINES[found]} folder") from e
-    backbone = _from_pipeline(found, pipe, max_sequence_length, name or Path(str(path)).name, resolution=resolution,
-                              training_guidance=training_guidance)
+    backbone = flow_backbone_from_pipeline(found, pipe, max_sequence_length, name or Path(str(path)).name,
+                                           resolution=resolution, training_guidance=training_guidance)
     log.info("loaded %s flow backbone from %s (%s)", found, path, backbone.dtype)
     return backbone
 
 
-def _from_pipeline(kind: str, pipe, max_sequence_length: int | None, name: str, **settings) -> FlowBackbone:
+def flow_backbone_from_pipeline(kind: str, pipe, max_sequence_length: int | None, name: str,
+                                **settings) -> FlowBackbone:
+    """A FlowBackbone around a loaded (or built in memory) StableDiffusion3Pipeline / FluxPipeline's parts."""
     if kind == "sd3":
         clip_encoders, clip_tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
         t5_encoder, t5_tokenizer = pipe.text_encoder_3, pipe.tokenizer_3

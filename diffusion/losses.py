@@ -66,4 +66,5 @@ def token_pixel_loss(maps: torch.Tensor, regions: torch.Tensor, roles: torch.Ten
         return maps.sum() * 0.0
     target = regions.gather(1, roles.clamp(min=0)[..., None].expand(-1, -1, regions.shape[-1])) > 0  # [B, K, h*w]
     probs = maps.float().transpose(1, 2)  # [B, K, h*w]
-    return F.binary_cross_entropy(probs[valid].clamp(0, 1), target[valid].float())
+    with torch.autocast(probs.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
+        return F.binary_cross_entropy(probs[valid].clamp(0, 1), target[valid].float())

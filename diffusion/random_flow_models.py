@@ -115,26 +115,32 @@ def random_flow_components(arch: str, tokenizer_dir: str | Path, sizes: dict[str
     return dict(parts, text_encoder=clip_l, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
 
 
-def build_random_flow_pipeline(out_dir: str | Path, arch: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                               sizes: dict[str, dict] | None = None) -> Path:
-    """Save a random-weight pipeline of architecture `arch` (sd3 or flux) to `out_dir` (atomically); `sizes`
-    overrides component configs by pipeline name (e.g. {"transformer": {"num_layers": 2}})."""
+def random_flow_pipeline(arch: str, tokenizer_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                         sizes: dict[str, dict] | None = None):
+    """A StableDiffusion3Pipeline / FluxPipeline of architecture `arch` with random weights, in memory on the GPU
+    when there is one (random init of 12B parameters is minutes on a CPU, seconds on a GPU); the CLIP tokenizer is
+    written under `tokenizer_dir`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
     architecture_configs(arch, sizes)  # fail before any work
     torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        components = random_flow_components(arch, tokenizer_dir, sizes, dtype)
+    if arch == "sd3":
+        return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), **components)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), **components)
+
+
+def build_random_flow_pipeline(out_dir: str | Path, arch: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                               sizes: dict[str, dict] | None = None) -> Path:
+    """Save a random-weight pipeline of architecture `arch` (sd3 or flux) to `out_dir` (atomically); `sizes`
+    overrides component configs by pipeline name (e.g. {"transformer": {"num_layers": 2}})."""
+    architecture_configs(arch, sizes)  # fail before any work
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)  # the staging folder goes next to it, on the same file system
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="random-flow-tokenizer-"))
     try:
-        init = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        with init:  # random init of 12B parameters is minutes on a CPU, seconds on a GPU
-            components = random_flow_components(arch, tokenizer_dir, sizes, dtype)
-        if arch == "sd3":
-            pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), **components)
-        else:
-            pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), **components)
-        return save_pipeline_atomically(pipe, out)
+        return save_pipeline_atomically(random_flow_pipeline(arch, tokenizer_dir, seed, dtype, sizes), out)
     finally:
         shutil.rmtree(tokenizer_dir, ignore_errors=True)
 

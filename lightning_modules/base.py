@@ -27,6 +27,7 @@ from diffusion.sampling import generate
 from utils.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
+POSTERIOR_CACHE_SIZE = 1024  # images (and their flips) whose VAE posteriors a module keeps
 
 
 class DiffusionModule(L.LightningModule):
@@ -46,6 +47,7 @@ class DiffusionModule(L.LightningModule):
         self.backbone: Backbone | FlowBackbone | None = None
         self._hub: AttentionHub | None = None
         self.strict_loading = False  # frozen weights are not in our checkpoints; on_load_checkpoint checks the rest
+        self._posteriors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # image_key -> VAE posterior
 
     # ----- model -----------------------------------------------------------------------------------
     def compute_dtype(self) -> torch.dtype:
@@ -113,15 +115,34 @@ class DiffusionModule(L.LightningModule):
         seed = (self.seed * 1_000_003 + self.global_step * 65_537 + self.global_rank * 257 + offset) % (2 ** 63)
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def image_latents(self, pixels: torch.Tensor, g: torch.Generator | None,
+                      keys: Sequence[str] | None = None) -> torch.Tensor:
+        """Latents of a batch of training images, a posterior sample each drawn from `g`. With `keys` (an image
+        set's `image_key`: which image, flipped or not) each image's posterior is encoded once and kept: the
+        frozen VAE gives a fixed image the same posterior every step, and the sample drawn from it is the one a
+        fresh encoding would draw."""
+        backbone = self.backbone
+        if keys is None:
+            return backbone.encode_images(pixels, generator=g)
+        missing = [i for i, key in enumerate(keys) if key not in self._posteriors]
+        if len(self._posteriors) + len(missing) > POSTERIOR_CACHE_SIZE:  # a large set: keep the latest ones
+            self._posteriors.clear()
+            missing = list(range(len(keys)))
+        if missing:
+            mean, std = backbone.image_posterior(pixels[missing])
+            self._posteriors.update({keys[i]: (m, s) for i, m, s in zip(missing, mean, std)})
+        mean, std = (torch.stack(parts) for parts in zip(*(self._posteriors[key] for key in keys)))
+        return backbone.posterior_latents(mean, std, g)
+
     def diffusion_loss(self, pixels: torch.Tensor, prompts: Sequence[str],
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, keys: Sequence[str] | None = None) -> torch.Tensor:
         """The latent diffusion loss || eps - eps_theta(z_t, t, c(y)) ||^2 (the v / epsilon target the
         scheduler predicts) of images in [-1, 1] under their prompts, with one random timestep each; on a
         rectified-flow backbone (SD3, FLUX) the flow-matching loss || (noise - z) - v_theta(z_t, t, c(y)) ||^2
         with logit-normal t (Esser et al. 2024, eq. 3 and Sec. 3.1). Noise and timesteps come from `generator`
-        (default: this step's), timesteps as the backbone samples them."""
+        (default: this step's), timesteps as the backbone samples them; `keys` name the images (image_latents)."""
         backbone, g = self.backbone, generator or self.step_generator()
-        latents = backbone.encode_images(pixels, generator=g)
+        latents = self.image_latents(pixels, g, keys)
         noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
         t = backbone.sample_timesteps(latents.shape[0], g)
         pred = backbone.predict(backbone.add_noise(latents, noise, t), t, backbone.encode_prompt(list(prompts)))

@@ -45,10 +45,11 @@ from utils.io import atomic_dir, write_json
 from utils.settings import check_choice
 
 log = logging.getLogger(__name__)
+ROLES = ("subject", "background")  # what a concept token names in its scene
 
 
 class EMMaskModule(DiffusionModule):
-    def __init__(self, backbone: dict, optimizer: Callable, *, masks: str, initializer: str | None, prompt: str,
+    def __init__(self, backbone: dict, optimizer: Callable, *, masks: str, initializer: str | dict | None, prompt: str,
                  joiner: str, inversion_steps: int, em: dict, losses: dict, joint: dict,
                  concepts: list[str] | None = None, lr_scheduler: Callable | None = None, crf: dict | None = None,
                  out_dir: str | None = None, seed: int = 0):
@@ -59,6 +60,9 @@ class EMMaskModule(DiffusionModule):
             raise ConfigError(f"module.prompt={prompt!r} needs '{{}}' where the concept tokens go")
         self.variant, self.inversion_steps = masks, int(inversion_steps)
         self.concepts = list(concepts or [])  # filled from the data module when empty
+        if isinstance(initializer, dict) and not set(initializer) <= set(ROLES):
+            raise ConfigError(f"module.initializer={initializer} names roles {sorted(set(initializer) - set(ROLES))}; "
+                              f"give a word, null, or a word (or null) per role: {{subject: ..., background: ...}}")
         self.initializer, self.prompt, self.joiner = initializer, prompt, joiner
         self.em = EMSettings.from_config(em)
         self.losses = LossSettings.from_config(losses)
@@ -101,7 +105,7 @@ class EMMaskModule(DiffusionModule):
         if not self.concepts:
             raise ConfigError("module.concepts is empty and no scenes name any; list the concept tokens")
         for k, token in enumerate(self.concepts):
-            self.tokens.append(PlaceholderTokens(backbone, token, initializer=self.initializer, init_seed=k))
+            self.tokens.append(PlaceholderTokens(backbone, token, initializer=self.initializer_of(token), init_seed=k))
         weights = self.joint_weights
         if weights == "full":
             self.weight_params = list(backbone.unet.parameters())  # fp32 (compute_dtype)
@@ -114,6 +118,15 @@ class EMMaskModule(DiffusionModule):
         if prior.images_dir and weights != "none":
             self.prior = PriorImages(prior.images_dir, prior.prompt, backbone.resolution,
                                      key="module.joint.prior.images_dir")
+
+    def initializer_of(self, token: str) -> str | None:
+        """The word a token starts from: module.initializer, or its entry for the token's role (a scene's
+        background token, or a subject)."""
+        if not isinstance(self.initializer, dict):
+            return self.initializer
+        scenes = self.scenes()
+        backgrounds = {record.background for record in scenes.records} if scenes is not None else set()
+        return self.initializer.get("background" if token in backgrounds else "subject")
 
     def optimizer_params(self) -> list[dict]:
         """The token rows, and the weights the joint stage switches on (at its lr)."""

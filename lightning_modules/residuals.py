@@ -91,7 +91,7 @@ class ResidualModule(DiffusionModule):
 
     # ----- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch["pixel_values"], batch["prompt"])  # eq. (1)
+        loss = self.diffusion_loss(batch["pixel_values"], batch["prompt"], keys=batch.get("image_key"))  # eq. (1)
         self.log("train/concept", loss.detach(), batch_size=len(batch["prompt"]))
         if self.prior is not None:
             pixels, prompts = self.prior.draw(len(batch["prompt"]), self.step_generator(offset=1), self.device)

@@ -265,8 +265,9 @@ class SliderModule(DiffusionModule):
     def visual_loss(self, batch: dict) -> torch.Tensor:
         """eq. (6): ||eps - eps(z_t^A, c_t + alpha S)||^2 + ||eps - eps(z_t^B, c_t - alpha S)||^2."""
         backbone, g = self.backbone, self.step_generator()
-        a = backbone.encode_images(batch["pixel_values"], generator=g)
-        b = backbone.encode_images(batch["pair_0"], generator=g)
+        keys = batch.get("image_key")
+        a = self.image_latents(batch["pixel_values"], g, keys)
+        b = self.image_latents(batch["pair_0"], g, None if keys is None else [f"{k}:pair_0" for k in keys])
         n = a.shape[0]
         noise = torch.randn(a.shape, generator=g, device=self.device, dtype=a.dtype)
         t = torch.randint(0, backbone.num_train_timesteps, (n,), generator=g, device=self.device)

@@ -42,7 +42,8 @@ class TextualInversionModule(DiffusionModule):
                                         train_existing=cfg.get("train_existing", False))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch["pixel_values"], [self.tokens.expand(p) for p in batch["prompt"]])
+        loss = self.diffusion_loss(batch["pixel_values"], [self.tokens.expand(p) for p in batch["prompt"]],
+                                   keys=batch.get("image_key"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 

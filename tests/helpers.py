@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from utils.config import register_resolvers
 from utils.errors import ConfigError
@@ -47,8 +48,16 @@ def method_settings(method: str, *keys: str) -> dict:
             group, _, package = str(target).lstrip("/").partition("@")
             if package == "module":
                 sections.append(OmegaConf.load(CONF / group / f"{name}.yaml"))
-    module = OmegaConf.to_container(OmegaConf.merge(*sections, cfg.module), resolve=False)
-    return {k: module[k] for k in keys}
+    # interpolations into the model (the model's own guidance) take their defaults: no model is composed here
+    root = OmegaConf.create({"model": {}, "module": OmegaConf.merge(*sections, cfg.module)})
+    return {k: _resolved_if_possible(root.module, k) for k in keys}
+
+
+def _resolved_if_possible(node: DictConfig, key: str):
+    try:
+        return OmegaConf.to_container(node[key], resolve=True) if isinstance(node[key], DictConfig) else node[key]
+    except InterpolationResolutionError:  # a value the yaml leaves to another config group (${seed}, ...)
+        return OmegaConf.to_container(node, resolve=False)[key]
 
 
 def style_diffusion_settings(**overrides) -> dict:

@@ -101,3 +101,13 @@ def test_every_method_composes_with_no_further_argument(method, tmp_path):
     data = hydra.utils.instantiate(cfg.data)
     if hasattr(data, "setup") and method not in ("pretrain", "pretrain_b"):  # pretraining streams rendered scenes
         data.setup("fit")
+
+
+@pytest.mark.parametrize("model, guidance", [("shapes", 7.5), ("sdxl", 7.5), ("tiny_sd3", 7.0), ("flux_random", 3.5)])
+def test_sampling_guidance_is_the_models_own(model, guidance, tmp_path):
+    """FLUX.1-dev samples at 3.5 and SD3 at 7.0 (their pipelines' defaults); models that do not say, at 7.5."""
+    train = compose_cfg("train", [f"model={model}", "method=prompt_slider"], tmp_path / "train")
+    assert train.callbacks.sample_grid.guidance_scale == guidance
+    assert train.module.pool.guidance_scale == guidance
+    for entry in ("evaluate", "edit"):
+        assert compose_cfg(entry, [f"model={model}"], tmp_path / entry).guidance_scale == guidance

@@ -311,3 +311,18 @@ def test_em_run_writes_tokens_weights_masks_and_resumes(tiny_dir, scenes_dir, tm
     artifact = load_artifact(backbone, run)
     assert "em_joint" in backbone.unet.peft_config and artifact.fill("a <s01_c1>", "object") == "a <s01_c1>"
     assert backbone.tokenizers[0].convert_tokens_to_ids("<s01_c1>") != backbone.tokenizers[0].unk_token_id
+
+
+def test_initializer_per_role_starts_background_tokens_from_their_word(tiny_dir, scenes_dir):
+    """{subject: null, background: <word>}: each scene's background token starts at the word's embedding (the
+    paper's "initialise tokens from a word"), the subjects from their random starts."""
+    module = em_module(tiny_dir, scenes_dir, initializer={"subject": None, "background": "cat"})
+    table = module.backbone.text_encoders[0].get_input_embeddings().weight
+    word = table[module.backbone.tokenizers[0]("cat", add_special_tokens=False).input_ids[0]]
+    starts = {t.token: t.rows[0].rows.detach()[0] for t in module.tokens}
+    backgrounds = {record.background for record in module.scenes().records}
+    assert backgrounds == {"<s00_bg>", "<s01_bg>"}
+    for token, row in starts.items():
+        assert torch.allclose(row, word.float()) == (token in backgrounds), token
+    with pytest.raises(ConfigError, match=r"module.initializer=\{'object': 'cat'\} names roles \['object'\]"):
+        em_module(tiny_dir, scenes_dir, initializer={"object": "cat"})

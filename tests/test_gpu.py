@@ -129,3 +129,16 @@ def test_style_diffusion_fits_replays_and_edits_on_gpu(tiny_dir, tmp_path):
     replay = reconstruct(backbone, module.attention_hub(), inversion)
     edited = edit(backbone, module.attention_hub(), inversion, ["a red dog"])
     assert replay.is_cuda and edited.is_cuda and edited.shape == (2, 4, 32, 32)
+
+
+def test_token_pixel_loss_runs_under_cuda_autocast():
+    """CUDA autocast refuses binary_cross_entropy; the pretraining's pixel loss runs under bf16-mixed."""
+    from diffusion.losses import token_pixel_loss
+
+    maps = torch.rand(2, 16, 5, device="cuda").softmax(-1)
+    regions = (torch.rand(2, 3, 16, device="cuda") > 0.5).float()
+    roles = torch.tensor([[0, 1, -1, 2, -1], [2, -1, -1, 0, 1]], device="cuda")
+    plain = token_pixel_loss(maps, regions, roles)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = token_pixel_loss(maps.bfloat16(), regions, roles)
+    assert mixed.dtype == torch.float32 and abs(mixed.item() - plain.item()) < 0.02

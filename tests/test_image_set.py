@@ -149,7 +149,8 @@ def test_item_contents(image_folder):
     prompts = set()
     for k in range(8):
         item = images(k)
-        assert item.keys() == {"pixel_values", "prompt", "index", "mask", "pair_0"}
+        assert item.keys() == {"pixel_values", "prompt", "index", "image_key", "mask", "pair_0"}
+        assert item["image_key"] == str(item["index"])  # flip_p 0: never flipped
         px, mask = item["pixel_values"], item["mask"]
         assert px.shape == (3, 64, 64) and px.dtype == torch.float32
         assert px.min() >= -1 and px.max() <= 1
@@ -187,6 +188,7 @@ def test_flip_applies_to_image_mask_and_pairs(image_folder):
     for k in range(4):
         a, b = plain(k), flipped(k)
         assert a["index"] == b["index"] and a["prompt"] == b["prompt"]
+        assert b["image_key"] == a["image_key"] + "f"  # the key names the pixels: a flip is other pixels
         for key in ("pixel_values", "mask", "pair_0"):
             assert torch.equal(b[key], a[key].flip(-1))
             assert not torch.equal(b[key], a[key])  # the discs are off-centre, so a flip shows

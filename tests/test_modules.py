@@ -87,3 +87,28 @@ def test_teardown_writes_rows_into_the_table(tiny_dir, image_folder):
     token_id = module.backbone.tokenizers[0].convert_tokens_to_ids("<t>")
     table = module.backbone.text_encoders[0].get_input_embeddings().weight
     assert torch.equal(table[token_id], module.tokens.rows[0].rows.detach()[0])
+
+
+def test_kept_posteriors_give_the_losses_of_fresh_encodings_and_skip_the_encoder(tiny_dir, image_folder):
+    module = make_module(tiny_dir)
+    module.configure_model()
+    batches = list(zip(range(4), loader(image_folder)))
+    keys = [key for _, batch in batches for key in batch["image_key"]]
+    assert len(set(keys)) < len(keys)  # images come back (some flipped) within a few steps
+    encodes = []
+    hook = module.backbone.vae.encoder.register_forward_hook(lambda *args: encodes.append(args[1][0].shape[0]))
+    try:
+        for step, batch in batches:
+            prompts = [module.tokens.expand(p) for p in batch["prompt"]]
+            fresh = module.diffusion_loss(batch["pixel_values"], prompts, torch.Generator().manual_seed(step))
+            kept = module.diffusion_loss(batch["pixel_values"], prompts, torch.Generator().manual_seed(step),
+                                         keys=batch["image_key"])
+            torch.testing.assert_close(kept, fresh)  # equal up to the batch size the VAE ran at
+    finally:
+        hook.remove()
+    fresh_rows = sum(len(batch["image_key"]) for _, batch in batches)
+    assert sum(encodes) == fresh_rows + len(set(keys))  # each key's image encoded once with keys, every time without
+    flipped = next(k for k in keys if k.endswith("f"))
+    mean, _ = module._posteriors[flipped]
+    unflipped, _ = module._posteriors.get(flipped[:-1], (None, None))
+    assert unflipped is None or not torch.equal(mean, unflipped)

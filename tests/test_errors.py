@@ -207,7 +207,8 @@ SUBPROCESS = [
     ("evaluate", ("hydra.run.dir=<run>",), "<run> already holds a run (checkpoints); choose a new hydra.run.dir"),
     ("edit", ("model=nope",), "Could not find 'model/nope'"),
     ("edit", ("edit_method=nope",),
-     "Could not find 'edit_method/nope'; available options in 'edit_method': ddim_word_swap, negative_prompt_p2p"),
+     "Could not find 'edit_method/nope'; available options in 'edit_method': ddim_word_swap, flow_p2p, "
+     "negative_prompt_p2p"),
     ("edit", ("hydra.run.dir=<run>",), "<run> already holds a run (checkpoints); choose a new hydra.run.dir"),
 ]
 

@@ -24,14 +24,14 @@ from diffusion.builds import ensure_built_pipeline
 from diffusion.dtypes import resolve_dtype, weight_device, weight_dtype
 from diffusion.model_index import flow_kind, hub_model_index
 from diffusion.schedules import SD_BETAS
-from diffusion.vae import draw_from_posterior, vae_posterior
+from diffusion.vae import VAELatents
 from utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class Conditioning:
-    """What the UNet is conditioned on: text hidden states (+ SDXL's pooled text and size ids)."""
+    """What the denoiser is conditioned on: text hidden states, + pooled text (SDXL, SD3, FLUX) and size ids (SDXL)."""
 
     hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -79,7 +79,7 @@ MODEL_NAMES = {"sd": "Stable Diffusion", "sdxl": "Stable Diffusion", "sd3": "Sta
 TOKEN_CACHE_SIZE = 10_000  # prompts whose ids a backbone keeps (an evaluation's prompt set fits many times over)
 
 
-class Backbone(nn.Module):
+class Backbone(VAELatents, nn.Module):
     """A frozen text-to-image latent diffusion model: tokenizers, text encoders, UNet, VAE, scheduler."""
 
     def __init__(self, unet, vae, text_encoders: Sequence[nn.Module], tokenizers: Sequence, scheduler,
@@ -108,10 +108,6 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return weight_device(self.unet)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def embedding_keys(self) -> tuple[str, ...] | None:
@@ -159,27 +155,6 @@ class Backbone(nn.Module):
         h = self.resolution
         time_ids = torch.tensor([[h, h, 0, 0, h, h]], device=self.device, dtype=pooled.dtype)
         return Conditioning(torch.cat(states, dim=-1), pooled, time_ids.expand(len(prompts), 6))
-
-    # ----- images ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled latents (a sample of the posterior)."""
-        return self.posterior_latents(*self.image_posterior(pixels), generator)
-
-    def image_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE posterior's mean and standard deviation of pixels in [-1, 1]."""
-        return vae_posterior(self.vae, pixels)
-
-    def posterior_latents(self, mean: torch.Tensor, std: torch.Tensor,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents sampled from a posterior."""
-        return draw_from_posterior(mean, std, generator) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [0, 1]."""
-        images = self.vae.decode(latents.to(weight_dtype(self.vae)) / self.vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ----- the UNet ----------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,

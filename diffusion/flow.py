@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
@@ -28,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.backbone import Conditioning
 from diffusion.builds import ensure_built_pipeline
 from diffusion.dtypes import resolve_dtype, weight_device, weight_dtype
 from diffusion.model_index import flow_kind, hub_model_index
-from diffusion.vae import draw_from_posterior, vae_posterior
+from diffusion.vae import VAELatents
 from utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -42,32 +42,6 @@ DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # T5 tokens per prompt,
 # diffusers documents for SDXL, extended by T5).
 EMBEDDING_KEYS = {"sd3": ("clip_l", "clip_g", "t5"), "flux": ("clip_l", "t5")}
 FLUX_TRAINING_GUIDANCE = 3.5  # the guidance embedding's input in training: diffusers' train_dreambooth_flux default
-
-
-@dataclass
-class FlowConditioning:
-    """What a flow transformer is conditioned on: text hidden states (B, tokens, width) and pooled text (B, width)."""
-
-    hidden_states: torch.Tensor
-    pooled: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.hidden_states.shape[0]
-
-    def map(self, fn) -> "FlowConditioning":
-        return FlowConditioning(fn(self.hidden_states), fn(self.pooled))
-
-    def expand(self, batch: int) -> "FlowConditioning":
-        """Broadcast a batch-1 conditioning to `batch` rows."""
-        if len(self) == batch:
-            return self
-        if len(self) != 1:
-            raise ValueError(f"cannot expand a conditioning of batch {len(self)} to {batch}")
-        return self.map(lambda x: x.expand(batch, *x.shape[1:]))
-
-    @staticmethod
-    def cat(items: Sequence["FlowConditioning"]) -> "FlowConditioning":
-        return FlowConditioning(torch.cat([c.hidden_states for c in items]), torch.cat([c.pooled for c in items]))
 
 
 # ----- FLUX's latent packing (FluxPipeline._pack_latents / _unpack_latents) --------------------------
@@ -93,7 +67,7 @@ def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FlowBackbone(nn.Module):
+class FlowBackbone(VAELatents, nn.Module):
     """A frozen rectified-flow text-to-image model: CLIP and T5 encoders, a transformer, a VAE, a scheduler."""
 
     def __init__(self, kind: str, transformer, vae, clip_encoders: Sequence[nn.Module], clip_tokenizers: Sequence,
@@ -163,10 +137,6 @@ class FlowBackbone(nn.Module):
         return weight_device(self.transformer)
 
     @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
@@ -185,7 +155,7 @@ class FlowBackbone(nn.Module):
         return (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
 
     # ----- text --------------------------------------------------------------------------------
-    def encode_prompt(self, prompts: str | Sequence[str]) -> FlowConditioning:
+    def encode_prompt(self, prompts: str | Sequence[str]) -> Conditioning:
         """Prompts -> the conditioning each stock pipeline's encode_prompt gives.
 
         SD3: CLIP-L and CLIP-G penultimate hidden states side by side, zero-padded to T5's width, then T5's
@@ -195,11 +165,11 @@ class FlowBackbone(nn.Module):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         t5_states = self._t5_states(prompts)
         if self.kind == "flux":
-            return FlowConditioning(t5_states, self._clip_outputs(0, prompts)[1])
+            return Conditioning(t5_states, self._clip_outputs(0, prompts)[1])
         (states_l, pooled_l), (states_g, pooled_g) = self._clip_outputs(0, prompts), self._clip_outputs(1, prompts)
         clip_states = torch.cat([states_l, states_g], dim=-1)
         clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
-        return FlowConditioning(torch.cat([clip_states, t5_states], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1))
+        return Conditioning(torch.cat([clip_states, t5_states], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1))
 
     def _clip_outputs(self, index: int, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(penultimate hidden states, pooled text) of CLIP encoder `index`."""
@@ -216,7 +186,7 @@ class FlowBackbone(nn.Module):
         return self.t5_encoder(ids.to(self.device))[0]
 
     # ----- the transformer ---------------------------------------------------------------------
-    def predict_velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: FlowConditioning,
+    def predict_velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning,
                          guidance: float | None = None) -> torch.Tensor:
         """The velocity v = noise - x0 at latents (B, C, H, W) and flow time `sigma` (a scalar or (B,))."""
         latents = latents.to(self.dtype)  # the pipelines keep latents in the text states' (the weights') dtype
@@ -228,7 +198,7 @@ class FlowBackbone(nn.Module):
         return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.hidden_states,
                                 pooled_projections=cond.pooled, return_dict=False)[0]
 
-    def _flux_velocity(self, latents, timestep, cond: FlowConditioning, guidance: float | None) -> torch.Tensor:
+    def _flux_velocity(self, latents, timestep, cond: Conditioning, guidance: float | None) -> torch.Tensor:
         if self.embeds_guidance and guidance is None:
             raise ValueError("this FLUX transformer embeds the guidance scale; pass guidance=<scale> (FLUX.1-dev: 3.5)")
         height, width = latents.shape[-2:]
@@ -270,7 +240,7 @@ class FlowBackbone(nn.Module):
         """The velocity v = noise - x0 the transformer regresses on (Esser et al. 2024, eq. 3)."""
         return noise - latents
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: FlowConditioning,
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                 cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         """The velocity at flow time t, FLUX's guidance embedding fed `training_guidance` (as diffusers' FLUX
         training scripts do)."""
@@ -299,32 +269,6 @@ class FlowBackbone(nn.Module):
         scheduler.set_timesteps(num_steps, sigmas=start, mu=mu)
         return scheduler.sigmas
 
-    # ----- the VAE -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1] -> normalised latents (a sample of the posterior): (z - shift) * scale."""
-        return self.posterior_latents(*self.image_posterior(pixels), generator)
-
-    def image_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE posterior's mean and standard deviation of pixels in [-1, 1]."""
-        return vae_posterior(self.vae, pixels)
-
-    def posterior_latents(self, mean: torch.Tensor, std: torch.Tensor,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised latents sampled from a posterior."""
-        return (draw_from_posterior(mean, std, generator) - self._vae_shift) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> images in [0, 1]."""
-        latents = latents.to(weight_dtype(self.vae)) / self.vae.config.scaling_factor + self._vae_shift
-        images = self.vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    @property
-    def _vae_shift(self) -> float:
-        return self.vae.config.shift_factor or 0.0
-
 
 # ----- the training objective and the ODE ---------------------------------------------------------
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -351,8 +295,8 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next)
     return (latents.float() + (sigma_next - sigma) * velocity.float()).to(velocity.dtype)
 
 
-def guided_velocity(backbone: FlowBackbone, latents: torch.Tensor, sigma, cond: FlowConditioning,
-                    guidance_scale: float, negative_cond: FlowConditioning | None = None) -> torch.Tensor:
+def guided_velocity(backbone: FlowBackbone, latents: torch.Tensor, sigma, cond: Conditioning,
+                    guidance_scale: float, negative_cond: Conditioning | None = None) -> torch.Tensor:
     """The velocity the stock pipeline steps with.
 
     FLUX.1-dev: guidance_scale is fed to the transformer's guidance embedding, one conditional pass.
@@ -368,14 +312,14 @@ def guided_velocity(backbone: FlowBackbone, latents: torch.Tensor, sigma, cond: 
     if negative_cond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs negative_cond (encode '' for the pipeline's default)")
     batch = latents.shape[0]
-    both = FlowConditioning.cat([negative_cond.expand(batch), cond.expand(batch)])
+    both = Conditioning.cat([negative_cond.expand(batch), cond.expand(batch)])
     uncond, conditional = backbone.predict_velocity(torch.cat([latents, latents]), sigma, both).chunk(2)
     return uncond + guidance_scale * (conditional - uncond)
 
 
 @torch.no_grad()
-def euler_sample(backbone: FlowBackbone, cond: FlowConditioning, latents: torch.Tensor, sigmas: torch.Tensor,
-                 guidance_scale: float, negative_cond: FlowConditioning | None = None,
+def euler_sample(backbone: FlowBackbone, cond: Conditioning, latents: torch.Tensor, sigmas: torch.Tensor,
+                 guidance_scale: float, negative_cond: Conditioning | None = None,
                  step_context: Callable[[int], ContextManager] | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from sigmas[0] (noise, the given latents) down to sigmas[-1] (0, clean latents);
     `step_context(i)` wraps step i's velocity (attention control: which step the maps belong to)."""
@@ -410,8 +354,8 @@ def flow_generate(backbone: FlowBackbone, prompts: list[str], seeds: Sequence[in
 
 
 @torch.no_grad()
-def flow_invert(backbone: FlowBackbone, cond: FlowConditioning, latents: torch.Tensor, sigmas: torch.Tensor,
-                guidance_scale: float = 1.0, negative_cond: FlowConditioning | None = None,
+def flow_invert(backbone: FlowBackbone, cond: Conditioning, latents: torch.Tensor, sigmas: torch.Tensor,
+                guidance_scale: float = 1.0, negative_cond: Conditioning | None = None,
                 controller_gamma: float = 0.0, target_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Clean latents -> noise: the sampling ODE run forwards, Euler steps over the reversed `sigmas` (0 up to 1).
 

@@ -36,7 +36,8 @@ from torch import nn
 from diffusion.attention import (AttentionRefine, AttentionReplace, AttentionReweight, ProcessorHub,
                                  PromptToPromptEdit, prompt_words, refinement_mapper, replacement_mapper,
                                  word_token_indices)
-from diffusion.flow import FlowConditioning, euler_sample
+from diffusion.backbone import Conditioning
+from diffusion.flow import euler_sample
 from utils.errors import ConfigError
 
 # Dual-stream blocks, FLUX's single-stream blocks (both hold text keys), SD3.5's image-only attn2 (none).
@@ -353,9 +354,9 @@ class FlowAttentionHub(ProcessorHub):
 
 
 
-def controlled_euler_sample(hub: FlowAttentionHub, backbone, cond: FlowConditioning, latents: torch.Tensor,
+def controlled_euler_sample(hub: FlowAttentionHub, backbone, cond: Conditioning, latents: torch.Tensor,
                             sigmas: torch.Tensor, guidance_scale: float,
-                            negative_cond: FlowConditioning | None = None) -> torch.Tensor:
+                            negative_cond: Conditioning | None = None) -> torch.Tensor:
     """diffusion.flow.euler_sample with the hub told each step's index and whether the batch is [uncond; cond]."""
     cfg = not backbone.embeds_guidance and guidance_scale > 1
     num_steps = len(sigmas) - 1

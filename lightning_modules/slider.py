@@ -120,7 +120,7 @@ class TextCache:
             for k, p in enumerate(missing):
                 self.cache[p] = cond.map(lambda x, k=k: x[k:k + 1])
         cached = [self.cache[p] for p in prompts]
-        return type(cached[0]).cat(cached)  # Conditioning (UNet) or FlowConditioning (SD3, FLUX)
+        return Conditioning.cat(cached)
 
 
 @torch.no_grad()

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.flow import (FlowConditioning, euler_sample, flow_invert, flow_matching_loss, load_flow_backbone,
-                            noisy_latents, pack_latents, unpack_latents)
+from diffusion.backbone import Conditioning
+from diffusion.flow import (euler_sample, flow_invert, flow_matching_loss, load_flow_backbone, noisy_latents,
+                            pack_latents, unpack_latents)
 from utils.errors import ConfigError, ModelLoadError
 
 KINDS = ("sd3", "flux")
@@ -205,7 +206,7 @@ def test_guidance_needs_what_it_uses(backbones):
         flux.predict_velocity(noise, 0.5, flux_cond)
     with pytest.raises(ValueError, match="needs target_noise"):
         flow_invert(flux, flux_cond, noise, sigmas, 3.5, controller_gamma=0.5)
-    both = FlowConditioning.cat([cond, cond.expand(1)])
+    both = Conditioning.cat([cond, cond.expand(1)])
     assert len(both) == 2 and len(cond.expand(3)) == 3
 
 

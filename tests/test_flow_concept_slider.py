@@ -4,9 +4,6 @@ stock pipelines' `load_lora_weights`, and the strength as the LoRA scale at samp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion.flow import pack_latents
-from tests.test_flow_textual_inversion import GUIDANCE, seeded_latents
+from tests.test_flow_textual_inversion import GUIDANCE, seeded_latents, train_on_tiny_flow_models
 
-ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("sd3", "flux")
 PROMPT = "a photo of a cat"
 SEED, STEPS = 7, 4
@@ -26,20 +22,10 @@ SEED, STEPS = 7, 4
 def runs(flow_dirs, tmp_path_factory) -> dict[str, Path]:
     """A 3-step concept-slider run of train.py on each tiny flow model, with a 1-sample, 2-step latent pool (a large
     learning rate, so that the LoRA moves the image)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    folders = {}
-    for kind in KINDS:
-        run = tmp_path_factory.mktemp(f"concept_slider_{kind}") / "run"
-        overrides = ["method=concept_slider", f"model=tiny_{kind}", f"model.path={flow_dirs[kind]}", "slider=tiny_size",
-                     "trainer=cpu", "trainer.max_steps=3", "logger=csv", "trainer.log_every_n_steps=1",
-                     "callbacks.progress_bar.refresh_rate=0", "callbacks.sample_grid.seeds=[0]",
-                     "callbacks.sample_grid.num_steps=2", "module.pool.size=1", "module.pool.num_steps=2",
-                     "module.optimizer.lr=0.05", f"hydra.run.dir={run}", f"paths.log_dir={run.parent / 'logs'}"]
-        proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, f"train.py on tiny_{kind} failed:\n{proc.stderr[-4000:]}"
-        folders[kind] = run
-    return folders
+    return train_on_tiny_flow_models(flow_dirs, tmp_path_factory, "concept_slider", [
+        "method=concept_slider", "slider=tiny_size", "trainer.max_steps=3", "callbacks.sample_grid.seeds=[0]",
+        "callbacks.sample_grid.num_steps=2", "module.pool.size=1", "module.pool.num_steps=2",
+        "module.optimizer.lr=0.05"])
 
 
 def slider_image(flow_dir: Path, run: Path | None, strength: float | None, kind: str) -> torch.Tensor:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +14,10 @@ from safetensors.torch import load_file
 
 from diffusion.flow import pack_latents
 from tests.helpers import method_settings, slider_batch
-from tests.test_flow_textual_inversion import FILE_KEYS, GUIDANCE, seeded_latents
+from tests.test_flow_textual_inversion import (FILE_KEYS, GUIDANCE, sd3_pipeline_with_token, seeded_latents,
+                                               train_on_tiny_flow_models)
 from utils.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("sd3", "flux")
 TOKEN = "<size>"
 SIZE = {"target": "a photo of a {p}", "positive": "a photo of a large {p}", "unconditional": "a photo of a small {p}",
@@ -31,20 +28,9 @@ PROMPT = "a photo of a cat"
 @pytest.fixture(scope="module")
 def runs(flow_dirs, tmp_path_factory) -> dict[str, Path]:
     """A 5-step prompt-slider run of train.py on each tiny flow model, with a 1-sample, 2-step latent pool."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    folders = {}
-    for kind in KINDS:
-        run = tmp_path_factory.mktemp(f"slider_{kind}") / "run"
-        overrides = ["method=prompt_slider", f"model=tiny_{kind}", f"model.path={flow_dirs[kind]}", "slider=tiny_size",
-                     "trainer=cpu", "trainer.max_steps=5", "logger=csv", "trainer.log_every_n_steps=1",
-                     "callbacks.progress_bar.refresh_rate=0", "callbacks.sample_grid.seeds=[0]",
-                     "callbacks.sample_grid.num_steps=2", "module.pool.size=1", "module.pool.num_steps=2",
-                     f"hydra.run.dir={run}", f"paths.log_dir={run.parent / 'logs'}"]
-        proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, f"train.py on tiny_{kind} failed:\n{proc.stderr[-4000:]}"
-        folders[kind] = run
-    return folders
+    return train_on_tiny_flow_models(flow_dirs, tmp_path_factory, "slider", [
+        "method=prompt_slider", "slider=tiny_size", "trainer.max_steps=5", "callbacks.sample_grid.seeds=[0]",
+        "callbacks.sample_grid.num_steps=2", "module.pool.size=1", "module.pool.num_steps=2"])
 
 
 def slider_module(path: Path, kind: str, token: str = TOKEN, **kwargs):
@@ -284,18 +270,7 @@ def test_flux_slider_loads_in_the_stock_pipeline_and_samples_as_strength_one(flo
 def test_sd3_slider_written_into_the_stock_pipeline_samples_as_strength_one(flow_dirs, runs):
     """StableDiffusion3Pipeline has no load_textual_inversion: the token added to each tokenizer and the file's rows
     written into each encoder's grown table (README's recipe) give our sampler's image at strength 1."""
-    from diffusers import StableDiffusion3Pipeline
-
-    state = load_file(runs["sd3"] / "learned_embeds.safetensors")
-    pipe = StableDiffusion3Pipeline.from_pretrained(flow_dirs["sd3"])
-    pipe.set_progress_bar_config(disable=True)
-    for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
-                                    ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2),
-                                    ("t5", pipe.tokenizer_3, pipe.text_encoder_3)):
-        tokenizer.add_tokens(TOKEN)
-        encoder.resize_token_embeddings(len(tokenizer))
-        with torch.no_grad():
-            encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)] = state[key][0]
+    pipe = sd3_pipeline_with_token(flow_dirs["sd3"], runs["sd3"] / "learned_embeds.safetensors", TOKEN)
     seed, steps = 7, 4
     stock = pipe(f"{PROMPT} {TOKEN}", latents=seeded_latents(seed), num_inference_steps=steps, height=64, width=64,
                  guidance_scale=GUIDANCE["sd3"], output_type="pt").images

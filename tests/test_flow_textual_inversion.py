@@ -29,19 +29,42 @@ GUIDANCE = {"sd3": 5.0, "flux": 3.5}  # SD3: classifier-free guidance against ""
 @pytest.fixture(scope="module")
 def runs(flow_dirs, tmp_path_factory) -> dict[str, Path]:
     """A 20-step textual-inversion run of train.py on each tiny flow model (the issue's command)."""
+    return train_on_tiny_flow_models(flow_dirs, tmp_path_factory, "ti", [
+        "method=textual_inversion", f"data.images_dir={IMAGES}", "trainer.max_steps=20"])
+
+
+def train_on_tiny_flow_models(flow_dirs, tmp_path_factory, name: str, overrides: list[str]) -> dict[str, Path]:
+    """train.py with `overrides` on each tiny flow model (CPU, csv logs every step, no progress bar): run folders."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     folders = {}
     for kind in KINDS:
-        run = tmp_path_factory.mktemp(f"ti_{kind}") / "run"
-        overrides = ["method=textual_inversion", f"model=tiny_{kind}", f"model.path={flow_dirs[kind]}",
-                     f"data.images_dir={IMAGES}", "trainer=cpu", "trainer.max_steps=20", "logger=csv",
-                     "trainer.log_every_n_steps=1", "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={run}",
-                     f"paths.log_dir={run.parent / 'logs'}"]
-        proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True,
+        run = tmp_path_factory.mktemp(f"{name}_{kind}") / "run"
+        args = [f"model=tiny_{kind}", f"model.path={flow_dirs[kind]}", "trainer=cpu", "logger=csv",
+                "trainer.log_every_n_steps=1", "callbacks.progress_bar.refresh_rate=0", *overrides,
+                f"hydra.run.dir={run}", f"paths.log_dir={run.parent / 'logs'}"]
+        proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, f"train.py on tiny_{kind} failed:\n{proc.stderr[-4000:]}"
         folders[kind] = run
     return folders
+
+
+def sd3_pipeline_with_token(flow_dir: Path, embeds_file: Path, token: str):
+    """README's recipe for SD3, whose pipeline has no load_textual_inversion: the token added to each tokenizer and
+    the file's rows written into each text encoder's grown table."""
+    from diffusers import StableDiffusion3Pipeline
+
+    state = load_file(embeds_file)
+    pipe = StableDiffusion3Pipeline.from_pretrained(flow_dir)
+    pipe.set_progress_bar_config(disable=True)
+    for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
+                                    ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2),
+                                    ("t5", pipe.tokenizer_3, pipe.text_encoder_3)):
+        tokenizer.add_tokens(token)
+        encoder.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():
+            encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = state[key][0]
+    return pipe
 
 
 def textual_inversion_module(path: Path, kind: str):
@@ -196,18 +219,7 @@ def test_flux_artifact_loads_in_the_stock_pipeline_and_samples_the_same(flow_dir
 def test_sd3_artifact_written_into_the_stock_pipeline_samples_the_same(flow_dirs, runs):
     """StableDiffusion3Pipeline has no load_textual_inversion: a user adds the token to each tokenizer and writes the
     file's rows into each text encoder's grown table; its image equals our sampler's (CFG against "")."""
-    from diffusers import StableDiffusion3Pipeline
-
-    state = load_file(runs["sd3"] / "learned_embeds.safetensors")
-    pipe = StableDiffusion3Pipeline.from_pretrained(flow_dirs["sd3"])
-    pipe.set_progress_bar_config(disable=True)
-    for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
-                                    ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2),
-                                    ("t5", pipe.tokenizer_3, pipe.text_encoder_3)):
-        tokenizer.add_tokens(TOKEN)
-        encoder.resize_token_embeddings(len(tokenizer))
-        with torch.no_grad():
-            encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)] = state[key][0]
+    pipe = sd3_pipeline_with_token(flow_dirs["sd3"], runs["sd3"] / "learned_embeds.safetensors", TOKEN)
     prompt, seed, steps = f"a photo of a {TOKEN}", 7, 4
     stock = pipe(prompt, latents=seeded_latents(seed), num_inference_steps=steps, height=64, width=64,
                  guidance_scale=GUIDANCE["sd3"], output_type="pt").images

@@ -36,7 +36,7 @@ from torch import nn
 from diffusion.attention import (AttentionRefine, AttentionReplace, AttentionReweight, ProcessorHub,
                                  PromptToPromptEdit, prompt_words, refinement_mapper, replacement_mapper,
                                  word_token_indices)
-from diffusion.backbone import Conditioning
+from diffusion.conditioning import Conditioning
 from diffusion.flow import euler_sample
 from utils.errors import ConfigError
 

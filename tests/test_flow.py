@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.backbone import Conditioning
+from diffusion.conditioning import Conditioning
 from diffusion.flow import (euler_sample, flow_invert, flow_matching_loss, load_flow_backbone, noisy_latents,
                             pack_latents, unpack_latents)
 from utils.errors import ConfigError, ModelLoadError

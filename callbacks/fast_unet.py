@@ -11,6 +11,9 @@ keeps the GPU busy about a tenth of its wall time, docs/benchmarks.md).
 Both need a frozen UNet: not for a trained or LoRA-adapted one (an error says so). With CUDA graphs,
 calls through attention processors that record maps in Python run eager. Switched on in
 on_train_start (after the latent pools and caches made in on_fit_start) and off when training ends.
+
+`auto` (the default) is `cuda_graphs` wherever it applies (a GPU and a frozen UNet) and eager elsewhere
+(the CPU, a trained or LoRA-adapted UNet, flow backbones' transformers), without an error; `null` is eager.
 """
 
 from __future__ import annotations
@@ -25,36 +28,57 @@ from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-MODES = ("cuda_graphs", *COMPILE_MODES)
+MODES = ("auto", "cuda_graphs", *COMPILE_MODES)
 
 
 class FastUNet(L.Callback):
-    def __init__(self, mode: str | None = None):
+    def __init__(self, mode: str | None = "auto"):
         if mode is not None and mode not in MODES:
             raise ConfigError(f"callbacks.fast_unet.mode={mode!r} is unknown; use null or one of {MODES}")
         self.mode = mode
+        self.active: str | None = None  # the mode in use during training (auto resolved), None when eager
+
+    @staticmethod
+    def frozen_unet(pl_module):
+        """The backbone's UNet if it is frozen and not adapted, else None."""
+        unet = getattr(getattr(pl_module, "backbone", None), "unet", None)
+        if unet is None or any(p.requires_grad for p in unet.parameters()) \
+                or any("lora_" in name for name, _ in unet.named_parameters()):
+            return None
+        return unet
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.active = None
         if self.mode is None:
+            return
+        if self.mode == "auto":
+            if pl_module.device.type == "cuda" and self.frozen_unet(pl_module) is not None:
+                self.enable(pl_module, "cuda_graphs")
+            else:
+                log.info("fast UNet: eager (auto: %s)", "no GPU" if pl_module.device.type != "cuda"
+                         else "the UNet trains, is adapted, or is not a UNet")
             return
         if pl_module.device.type != "cuda":
             raise ConfigError(f"callbacks.fast_unet.mode={self.mode} needs a GPU; use trainer=gpu or mode=null")
-        backbone = getattr(pl_module, "backbone", None)
-        unet = getattr(backbone, "unet", None)
-        if unet is None or any(p.requires_grad for p in unet.parameters()) \
-                or any("lora_" in name for name, _ in unet.named_parameters()):
+        if self.frozen_unet(pl_module) is None:
             raise ConfigError(f"callbacks.fast_unet.mode={self.mode}: this method has no frozen backbone UNet (it "
                               f"trains or adapts the UNet); set callbacks.fast_unet.mode=null")
-        if self.mode == "cuda_graphs":
+        self.enable(pl_module, self.mode)
+
+    def enable(self, pl_module, mode: str) -> None:
+        unet = pl_module.backbone.unet
+        if mode == "cuda_graphs":
             pl_module.backbone.unet_graphs = UNetGraphs(unet)
         else:
-            unet.compile(mode=self.mode, dynamic=False)
-        log.info("fast UNet: %s", self.mode)
+            unet.compile(mode=mode, dynamic=False)
+        self.active = mode
+        log.info("fast UNet: %s%s", mode, " (auto)" if self.mode == "auto" else "")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.mode in ("reduce-overhead", "max-autotune"):
+        if self.active in ("reduce-overhead", "max-autotune"):
             torch.compiler.cudagraph_mark_step_begin()  # this step may overwrite the last step's graph outputs
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.mode == "cuda_graphs":
+        if self.active == "cuda_graphs":
             pl_module.backbone.unet_graphs = None  # frees the graphs' memory; later sampling runs eager
+        self.active = None

@@ -68,7 +68,7 @@ class PretrainModule(L.LightningModule):
                  init_from: str | None = None, unet_from: str | None = None, train_text_encoder: bool = True,
                  decoder_steps: int = 0, object_weight: float = 0.0, vae_from: str | None = None,
                  attention_weight: float = 0.0, attention_resolutions: tuple[int, ...] = (16, 8),
-                 pixel_weight: float = 0.0, seed: int = 0):
+                 pixel_weight: float = 0.0, pixel_resolutions: tuple[int, ...] | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         if init_from is None and vae_steps <= 0:
@@ -83,6 +83,9 @@ class PretrainModule(L.LightningModule):
             raise ConfigError("module.vae_from replaces the autoencoder of module.init_from; set module.init_from too")
         if min(attention_weight, pixel_weight, object_weight) < 0:
             raise ConfigError("module.attention_weight, module.pixel_weight and module.object_weight must be >= 0")
+        if pixel_resolutions is not None and not set(pixel_resolutions) <= set(attention_resolutions):
+            raise ConfigError(f"module.pixel_resolutions={list(pixel_resolutions)} must be among "
+                              f"module.attention_resolutions={list(attention_resolutions)}")
         self.built = False
 
     # ----- model -----------------------------------------------------------------------------------
@@ -181,8 +184,8 @@ class PretrainModule(L.LightningModule):
         return loss
 
     def attention_loss(self, masks: torch.Tensor, roles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TokenCompose's token loss averaged over the recorded layers, and its pixel loss on each resolution's
-        layer-averaged maps, averaged over resolutions (the store is emptied)."""
+        """TokenCompose's token loss averaged over the recorded layers, and its pixel loss on each of
+        `pixel_resolutions`' layer-averaged maps, averaged over them (the store is emptied)."""
         losses, shares, by_size = [], [], {}
         for place, maps in self.attention_store.select():
             regions = region_masks(masks, self.attention_store.hw[place])
@@ -194,8 +197,9 @@ class PretrainModule(L.LightningModule):
         token = torch.stack(losses).mean()
         pixel = token.new_zeros(())
         if self.hparams.pixel_weight > 0:
+            sides = self.hparams.pixel_resolutions or self.hparams.attention_resolutions
             pixel = torch.stack([token_pixel_loss(torch.stack(maps).mean(0), regions, roles)
-                                 for regions, maps in by_size.values()]).mean()
+                                 for hw, (regions, maps) in by_size.items() if hw[0] in sides]).mean()
         self.log_dict({"train/attention": token, "train/attention_share": torch.stack(shares).mean(),
                        "train/attention_pixel": pixel}, prog_bar=True)
         return token, pixel

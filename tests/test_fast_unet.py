@@ -21,7 +21,9 @@ def test_needs_a_gpu(tiny):
     with pytest.raises(ConfigError, match="needs a GPU"):
         FastUNet("cuda_graphs").on_train_start(None, module)
     FastUNet(None).on_train_start(None, module)  # off: nothing to check
-    assert tiny.unet_graphs is None
+    auto = FastUNet()  # the default: the fast path where it applies, eager elsewhere without an error
+    auto.on_train_start(None, module)
+    assert auto.mode == "auto" and auto.active is None and tiny.unet_graphs is None
 
 
 def test_refuses_a_trained_or_adapted_unet(tiny):
@@ -31,6 +33,11 @@ def test_refuses_a_trained_or_adapted_unet(tiny):
     add_lora(tiny.unet, 4, 1.0, "noxattn", adapter_name="slider")
     with pytest.raises(ConfigError, match="trains or adapts the UNet"):
         FastUNet("cuda_graphs").on_train_start(None, module)
+    auto = FastUNet("auto")
+    auto.on_train_start(None, module)  # a LoRA-adapted UNet: eager, no error
+    assert auto.active is None and tiny.unet_graphs is None
+    auto.on_train_start(None, SimpleNamespace(device=torch.device("cuda"), backbone=None))  # no UNet (flow backbones)
+    assert auto.active is None
     with pytest.raises(ConfigError, match="no frozen backbone"):
         FastUNet("default").on_train_start(None, SimpleNamespace(device=torch.device("cuda"), backbone=None))
 

@@ -21,6 +21,25 @@ def test_textual_inversion_trains_in_bf16_on_gpu(base, tmp_path):
     assert "bf16-mixed" in timing and "peak_memory_gib" in timing
 
 
+def test_the_default_fast_path_learns_what_eager_learns(base, tiny, tmp_path):
+    """fast_unet's default (auto: CUDA graphs of the frozen UNet) against eager: the same token, within bf16."""
+    from safetensors.torch import load_file
+
+    def rows(mode: str):
+        run = tmp_path / mode
+        proc = run_train(*[o for o in base if o != "trainer=cpu"], "trainer=gpu", "trainer.max_steps=20",
+                         f"callbacks.fast_unet.mode={mode}", f"hydra.run.dir={run}")
+        return load_file(run / "learned_embeds.safetensors")["<concept>"], proc.stdout + proc.stderr
+
+    eager, eager_log = rows("null")
+    fast, fast_log = rows("auto")
+    assert "fast UNet: cuda_graphs (auto)" in fast_log and "fast UNet" not in eager_log
+    word = tiny.tokenizers[0]("object", add_special_tokens=False).input_ids  # conf/model/tiny.yaml's initializer
+    init = tiny.text_encoders[0].get_input_embeddings().weight[word].detach().float()
+    moved = (eager - init).abs().mean()
+    assert moved > 0 and (fast - eager).abs().mean() < 0.1 * moved
+
+
 def test_module_keeps_frozen_bf16_and_trained_fp32(tiny_dir):
     import lightning as L
 

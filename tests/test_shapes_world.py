@@ -143,7 +143,7 @@ def test_pretrain_runs_both_stages_and_exports_a_loadable_pipeline(tmp_path):
         return load_backbone(str(out / "pipeline"))
 
     continued = continue_from_export("pretrain_b", tmp_path / "continued", "module.warmup=1", "module.pixel_weight=0.1",
-                                     "trainer.log_every_n_steps=1")
+                                     "module.pixel_resolutions=[8]", "trainer.log_every_n_steps=1")
     assert list(continued.unet.config.block_out_channels) == [32, 32, 64]  # the exported UNet, not pretrain_b's own
     with open(tmp_path / "continued" / "csv" / "metrics.csv") as f:  # TokenCompose's pixel loss ran and was logged
         pixel = [float(r["train/attention_pixel"]) for r in csv.DictReader(f) if r.get("train/attention_pixel")]
@@ -176,6 +176,8 @@ def test_pretrain_rejects_missing_sources(tmp_path):
         PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, vae_from=str(tmp_path))
     with pytest.raises(ConfigError, match="module.attention_weight, module.pixel_weight and module.object_weight must be >= 0"):
         PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, attention_weight=-1)
+    with pytest.raises(ConfigError, match=r"module.pixel_resolutions=\[4\] must be among module.attention_resolutions"):
+        PretrainModule(unet={}, text_encoder={}, vae={}, words=["a"], total_steps=1, pixel_resolutions=(4,))
 
 
 # ----- v2: badges named part by part, caption roles, held-out compositions -------------------------

@@ -9,7 +9,9 @@ comparison), 20 prompts x 5 seeds, the same seeds for every method.
 
 `train` runs train.py for each concept (its 5 reference renders in assets/shapes_concepts/<concept>)
 and method: residuals (proj_out, the paper's defaults), kv (the same on cross-attention K/V),
-textual_inversion (the framework's recipe), and on request residuals_zero (zero-initialised B).
+textual_inversion (the framework's recipe), and on request residuals_zero (zero-initialised B),
+residuals_zero_600 and residuals_zero_1500 (the same, 600 / 1500 iterations) and textual_inversion_one
+(one vector, the paper's baseline).
 `evaluate` runs evaluate.py on every run with metrics=shapes_concept (the probes' attribute accuracy,
 and the concept's identity) over assets/prompts/personalization_eval.txt (10 new backgrounds, 10 added
 objects), the proj_out residual runs with `sweep={lag:[false,true]}`, and gathers the rows.
@@ -38,6 +40,12 @@ METHODS = {
     "kv": ["experiment=residuals_shapes", "callbacks.evaluation=null", "module.targets=kv"],
     "textual_inversion": ["experiment=ti_shapes", "callbacks.evaluation=null"],
     "residuals_zero": ["experiment=residuals_shapes", "callbacks.evaluation=null", "module.init=zero"],  # B = 0 first
+    "residuals_zero_600": ["experiment=residuals_shapes", "callbacks.evaluation=null", "module.init=zero",
+                           "trainer.max_steps=600"],  # 4x the paper's iterations (the shapes world's concepts need them)
+    "residuals_zero_1500": ["experiment=residuals_shapes", "callbacks.evaluation=null", "module.init=zero",
+                            "trainer.max_steps=1500"],
+    "textual_inversion_one": ["experiment=ti_shapes", "callbacks.evaluation=null",
+                              "module.token.num_vectors=1"],  # Gal et al.'s one vector, the paper's Table 1 baseline
 }
 PROMPTS = ROOT / "assets" / "prompts" / "personalization_eval.txt"
 SEEDS = "[0,1,2,3,4]"
@@ -76,7 +84,7 @@ def evaluate(out: Path, concepts: list[str], methods: list[str], num_steps: int)
             run_dir, eval_dir = out / concept / method, out / concept / f"{method}_eval"
             if not (eval_dir / "metrics.json").is_file():
                 # LAG masks proj_out residuals; K/V residuals and a token have nothing it acts on
-                sweep = ["sweep={lag:[false,true]}"] if method in ("residuals", "residuals_zero") else []
+                sweep = ["sweep={lag:[false,true]}"] if method.startswith("residuals") else []
                 seconds = run(["evaluate.py", f"artifact={run_dir}", "metrics=shapes_concept",
                                f"metrics.identity.concept={concept}", f"prompts_file={PROMPTS}", f"seeds={SEEDS}",
                                f"num_steps={num_steps}", "batch_size=50", f"hydra.run.dir={eval_dir}", *sweep],

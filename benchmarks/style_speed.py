@@ -6,9 +6,12 @@ One shapes-world scene at the model's resolution, source "a photo of a red circl
 a blue circle" (equal word counts: AttentionReplace). Timed on the same backbone (fp32 weights, TF32
 matrix products):
 
+- null-text inversion at its own N = 50 (Mokady et al.'s settings, up to 10 Adam steps per step, its DDIM
+  inversion included), eager and with the UNet's CUDA graphs (the default), in fp32 and with bf16 UNet
+  weights, each with the PSNR of its guided reconstruction of the image (`null_text_50`);
 - inversion of one image at T = 30: the DDIM trajectory with its 16x16 maps, then Algorithm 1
   (`StyleDiffusionFitter.fit`, the paper's K_t and Adam), and null-text inversion of the same
-  trajectory (Mokady et al.'s settings, up to 10 Adam steps per step) at T = 30 and at its own N = 50;
+  trajectory at T = 30;
 - one editing pass [source replay, target] at T = 30 with the P2Plus controller: StyleDiffusion (value
   injection until tau_v T) against null-text + P2P and null-text + P2Plus (per-step unconditional
   embeddings), in turns, median over `--repeats` after one warm-up round. Seconds per step = pass / T.
@@ -48,6 +51,34 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def null_text_variants(backbone, image: torch.Tensor, z0: torch.Tensor, w: float, n: int = 50) -> dict:
+    """Null-text inversion at N = 50 (its DDIM inversion included), eager and graphed, with fp32 and bf16
+    weights: seconds, Adam iterations and the PSNR (dB) of the guided reconstruction against the image."""
+    from diffusion.inversion import null_text_inversion, reconstruct
+    from diffusion.sampling import ddim_invert
+
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        backbone.to(dtype)  # frozen weights in bf16, as training keeps them; the null embedding stays fp32
+        cond = backbone.encode_prompt([SOURCE])
+        for graphs in (False, True):
+            def run():
+                with torch.no_grad():
+                    trajectory = ddim_invert(backbone, z0, cond, n)
+                return trajectory, null_text_inversion(backbone, trajectory, cond, n, w, cuda_graphs=graphs)
+
+            (trajectory, schedule), seconds = timed(run)
+            with torch.no_grad():
+                pixels = backbone.decode_latents(reconstruct(backbone, trajectory, cond, schedule, n, w).float())
+            mse = (pixels[0].cpu() - image.cpu()).pow(2).mean().clamp_min(1e-12)
+            name = f"{'fp32' if dtype == torch.float32 else 'bf16'}_{'graphs' if graphs else 'eager'}"
+            rows[name] = {"seconds": seconds, "iterations": sum(schedule.iterations),
+                          "psnr_db": float(10 * torch.log10(1 / mse))}
+            print(name, json.dumps(rows[name]), flush=True)
+    backbone.to(torch.float32)
+    return rows
+
+
 def load(model: str, device: str):
     from diffusion.backbone import load_backbone
     from utils.config import model_config
@@ -83,11 +114,12 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    encoder = ensure_encoder(args.out / f"clip-vit-{args.encoder}", args.encoder).to(device)
-    fitter = StyleDiffusionFitter.create(backbone, encoder, FitSettings.from_yaml(n, w))
     result: dict = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "T": n, "guidance_scale": w, "repeats": args.repeats}
+    result["null_text_50"] = null_text_variants(backbone, image.to(device), z0, w)
 
+    encoder = ensure_encoder(args.out / f"clip-vit-{args.encoder}", args.encoder).to(device)
+    fitter = StyleDiffusionFitter.create(backbone, encoder, FitSettings.from_yaml(n, w))
     trajectory, result["ddim_inversion_s"] = timed(lambda: invert_latents(backbone, z0, SOURCE, n))
     generator = torch.Generator(device).manual_seed(0)
     hub = AttentionHub(backbone.unet)  # StyleDiffusion's value input goes through the hub's processors
@@ -96,17 +128,10 @@ def main() -> None:
     result["style_diffusion_iterations"] = sum(inversion.iterations)
     cond_src = backbone.encode_prompt([SOURCE])
     latents = [z[None].to(device) for z in trajectory.latents]
+    hub.restore()  # null-text inversion's UNet calls replay graphs only through diffusers' own processors
     schedule, result["null_text_s"] = timed(lambda: null_text_inversion(backbone, latents, cond_src, n, w))
     result["null_text_iterations"] = sum(schedule.iterations)
-    from diffusion.sampling import ddim_invert
-
-    def null_text_own_steps():
-        with torch.no_grad():
-            own = ddim_invert(backbone, z0, cond_src, 50)
-        return null_text_inversion(backbone, own, cond_src, 50, w)
-
-    own, result["null_text_50_s"] = timed(null_text_own_steps)  # its DDIM inversion included
-    result["null_text_50_iterations"] = sum(own.iterations)
+    hub = AttentionHub(backbone.unet)
 
     cond = backbone.encode_prompt([SOURCE, TARGET])
     p2p, p2plus = (load_edit_method(name).controllers(backbone, SOURCE, TARGET)[0]

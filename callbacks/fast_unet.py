@@ -23,7 +23,7 @@ import logging
 import lightning as L
 import torch
 
-from diffusion.cuda_graphs import UNetGraphs
+from diffusion.cuda_graphs import UNetGraphs, frozen_unet
 from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,21 +38,12 @@ class FastUNet(L.Callback):
         self.mode = mode
         self.active: str | None = None  # the mode in use during training (auto resolved), None when eager
 
-    @staticmethod
-    def frozen_unet(pl_module):
-        """The backbone's UNet if it is frozen and not adapted, else None."""
-        unet = getattr(getattr(pl_module, "backbone", None), "unet", None)
-        if unet is None or any(p.requires_grad for p in unet.parameters()) \
-                or any("lora_" in name for name, _ in unet.named_parameters()):
-            return None
-        return unet
-
     def on_train_start(self, trainer, pl_module) -> None:
         self.active = None
         if self.mode is None:
             return
         if self.mode == "auto":
-            if pl_module.device.type == "cuda" and self.frozen_unet(pl_module) is not None:
+            if pl_module.device.type == "cuda" and frozen_unet(getattr(pl_module, "backbone", None)) is not None:
                 self.enable(pl_module, "cuda_graphs")
             else:
                 log.info("fast UNet: eager (auto: %s)", "no GPU" if pl_module.device.type != "cuda"
@@ -60,7 +51,7 @@ class FastUNet(L.Callback):
             return
         if pl_module.device.type != "cuda":
             raise ConfigError(f"callbacks.fast_unet.mode={self.mode} needs a GPU; use trainer=gpu or mode=null")
-        if self.frozen_unet(pl_module) is None:
+        if frozen_unet(getattr(pl_module, "backbone", None)) is None:
             raise ConfigError(f"callbacks.fast_unet.mode={self.mode}: this method has no frozen backbone UNet (it "
                               f"trains or adapts the UNet); set callbacks.fast_unet.mode=null")
         self.enable(pl_module, self.mode)

@@ -15,8 +15,9 @@ whose weights have started training, and calls with cross_attention_kwargs run e
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -25,6 +26,33 @@ from torch import nn
 from diffusion.dtypes import weight_device, weight_dtype
 
 log = logging.getLogger(__name__)
+
+
+def frozen_unet(backbone) -> nn.Module | None:
+    """The backbone's UNet if graphs can replay it: frozen and not adapted (a LoRA scale is read in Python at
+    capture, so a later change would not reach the replays); None otherwise, and for flow backbones."""
+    unet = getattr(backbone, "unet", None)
+    if unet is None or any(p.requires_grad for p in unet.parameters()) \
+            or any("lora_" in name for name, _ in unet.named_parameters()):
+        return None
+    return unet
+
+
+@contextlib.contextmanager
+def graphed_unet(backbone, enabled: bool = True) -> Iterator[bool]:
+    """Inside, `backbone.predict` replays CUDA graphs of the frozen UNet wherever it can (a CUDA device, a
+    frozen UNet, no graphs on already); elsewhere, or with enabled=False, nothing changes. Yields whether
+    graphs are on. The graphs' memory is freed on exit."""
+    unet = frozen_unet(backbone) if enabled else None
+    if unet is None or backbone.unet_graphs is not None or not torch.cuda.is_available() \
+            or weight_device(unet).type != "cuda":
+        yield getattr(backbone, "unet_graphs", None) is not None
+        return
+    backbone.unet_graphs = UNetGraphs(unet)
+    try:
+        yield True
+    finally:
+        backbone.unet_graphs = None
 
 
 class UNetGraphs:

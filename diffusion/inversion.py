@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone, Conditioning
+from diffusion.cuda_graphs import graphed_unet
 from diffusion.sampling import CondSchedule, DDIMSchedule, ddim_invert, ddim_sample, guided_epsilon
 
 
@@ -104,7 +105,8 @@ def _optimise_step(backbone: Backbone, x: torch.Tensor, target: torch.Tensor, t:
 def null_text_inversion(backbone: Backbone, trajectory: list[torch.Tensor], cond: Conditioning, num_steps: int,
                         guidance_scale: float = 7.5, inner_steps: int = 10, lr: float = 1e-2,
                         lr_decay: float = 1e-2, early_stop: float = 1e-5, early_stop_growth: float = 2e-5,
-                        uncond: Conditioning | None = None, progress: bool = False) -> UncondSchedule:
+                        uncond: Conditioning | None = None, progress: bool = False,
+                        cuda_graphs: bool = True) -> UncondSchedule:
     """Per-step unconditional embeddings that make guided sampling retrace a DDIM trajectory.
 
     Mokady et al. (methods.md): for sampling step i = 0..N-1 from z_N, Adam at lr (1 - i lr_decay)
@@ -114,6 +116,8 @@ def null_text_inversion(backbone: Backbone, trajectory: list[torch.Tensor], cond
     latent and trajectory[N-1-i]. The latent then advances with the optimised embedding, so
     `ddim_sample` with the result as its uncond repeats these latents. Only the hidden states are optimised
     (SDXL's pooled text and size ids stay those of `uncond`). `trajectory` is one image's (batch 1).
+    On a GPU the UNet calls replay CUDA graphs (`graphed_unet`: a batch-1 step is bound by kernel launches);
+    cuda_graphs=False runs them eager.
     """
     trajectory = _checked_trajectory(backbone, trajectory, num_steps)
     if trajectory[0].shape[0] != 1:
@@ -124,21 +128,22 @@ def null_text_inversion(backbone: Backbone, trajectory: list[torch.Tensor], cond
     embedding = uncond.hidden_states.float()
     result = UncondSchedule([])
     x = trajectory[-1]
-    for i in tqdm(range(num_steps), disable=not progress, desc="null-text inversion", leave=False):
-        t = schedule.timesteps[i].to(x.device)
-        a_from, a_to = schedule.alpha(i), schedule.alpha(i + 1)
-        with torch.no_grad():
-            eps_c = backbone.to_epsilon(backbone.predict(x, t, cond), x, t.expand(x.shape[0])).float()
-        embedding, done, loss = _optimise_step(
-            backbone, x, trajectory[num_steps - 1 - i], t, eps_c, embedding, uncond, a_from, a_to, schedule,
-            guidance_scale, lr * (1 - i * lr_decay), inner_steps, early_stop + i * early_stop_growth)
-        step_uncond = Conditioning(embedding.to(uncond.hidden_states.dtype), uncond.pooled, uncond.time_ids)
-        result.embeddings.append(step_uncond)
-        result.iterations.append(done)
-        result.losses.append(loss)
-        with torch.no_grad():
-            eps = guided_epsilon(backbone, x, t, cond, step_uncond, guidance_scale)
-            x = schedule.step(x, eps, a_from, a_to).to(trajectory[-1].dtype)
+    with graphed_unet(backbone, cuda_graphs):
+        for i in tqdm(range(num_steps), disable=not progress, desc="null-text inversion", leave=False):
+            t = schedule.timesteps[i].to(x.device)
+            a_from, a_to = schedule.alpha(i), schedule.alpha(i + 1)
+            with torch.no_grad():
+                eps_c = backbone.to_epsilon(backbone.predict(x, t, cond), x, t.expand(x.shape[0])).float()
+            embedding, done, loss = _optimise_step(
+                backbone, x, trajectory[num_steps - 1 - i], t, eps_c, embedding, uncond, a_from, a_to, schedule,
+                guidance_scale, lr * (1 - i * lr_decay), inner_steps, early_stop + i * early_stop_growth)
+            step_uncond = Conditioning(embedding.to(uncond.hidden_states.dtype), uncond.pooled, uncond.time_ids)
+            result.embeddings.append(step_uncond)
+            result.iterations.append(done)
+            result.losses.append(loss)
+            with torch.no_grad():
+                eps = guided_epsilon(backbone, x, t, cond, step_uncond, guidance_scale)
+                x = schedule.step(x, eps, a_from, a_to).to(trajectory[-1].dtype)
     return result
 
 

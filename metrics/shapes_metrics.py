@@ -61,7 +61,7 @@ class ShapesAttributeAccuracy(_ProbeMetric):
 
 
 class ConceptIdentity(_ProbeMetric):
-    """Mean graded similarity of each image's main object to a concept, and the strict match rate
+    """Mean graded similarity of each image's concept object to a concept, and the strict match rate
     (`ShapesProbe.concept_identity` / `identity_match`)."""
 
     def __init__(self, concept: Badge | str, probe: ShapesProbe | None = None, **kwargs):

@@ -339,29 +339,38 @@ class ShapesProbe(nn.Module):
             readings.append(SceneReading(background, objects))
         return readings
 
-    def _main_object(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Probabilities [B, classes] per head of each image's largest object, and [B] whether there is one."""
+    def _concept_object(self, images: torch.Tensor, concept: Badge | str
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """The object of each image that stands for a concept: among the objects read as badges, the one most like
+        it (a prompt may put it beside other objects, larger ones too: "a small <concept> right of a large pink
+        cross"); the largest object when none reads as a badge. Returns its graded identity [B], its class
+        probabilities [B, classes] per head, and [B] whether the image has an object at all."""
+        badge = CONCEPTS[concept] if isinstance(concept, str) else concept
         seg = segment(images)
-        probs = self.classify(images, seg.masks, seg.background)  # all objects: the others get painted out
-        return {name: p[:, 0] for name, p in probs.items()}, seg.masks[:, 0].flatten(1).any(1).to(self.device)
+        probs = self.classify(images, seg.masks, seg.background)  # [B, K, classes]; the others get painted out
+        scores = torch.stack([probs[name][..., HEADS[name].index(getattr(badge, name))] for name in BADGE_HEADS]).mean(0)
+        exists = seg.masks.flatten(2).any(-1).to(self.device)
+        badges = exists & (probs["shape"].argmax(-1) == HEADS["shape"].index("badge"))
+        best = scores.masked_fill(~badges, -1.0).argmax(1)
+        chosen = torch.where(badges.any(1), best, torch.zeros_like(best))  # slot 0: the largest object
+        rows = torch.arange(len(chosen), device=chosen.device)
+        return scores[rows, chosen], {name: p[rows, chosen] for name, p in probs.items()}, exists[:, 0]
 
     def concept_identity(self, images: torch.Tensor, concept: Badge | str) -> torch.Tensor:
-        """[B] similarity in [0, 1] of each image's main (largest) object to a badge identity.
+        """[B] similarity in [0, 1] of each image's concept object (`_concept_object`) to a badge identity.
 
         Defined as the mean, over the four badge attributes (outer, outer_colour, inner, inner_colour), of the
         probability the classifier gives the reference value: 1 for a clean render of that badge, about 0.75
         with one attribute surely wrong, 0.5 with two, and 0 for an image with no object. Graded rather than
         all-or-nothing, so that partial identity loss shows; `identity_match` is the strict version.
         """
-        badge = CONCEPTS[concept] if isinstance(concept, str) else concept
-        probs, present = self._main_object(images)
-        scores = [probs[name][:, HEADS[name].index(getattr(badge, name))] for name in BADGE_HEADS]
-        return torch.stack(scores).mean(0) * present
+        scores, probs, present = self._concept_object(images, concept)
+        return scores * present
 
     def identity_match(self, images: torch.Tensor, concept: Badge | str) -> torch.Tensor:
-        """[B] bool: the main object's four badge attributes all read as the reference's."""
+        """[B] bool: the concept object's four badge attributes all read as the reference's."""
         badge = CONCEPTS[concept] if isinstance(concept, str) else concept
-        probs, present = self._main_object(images)
+        _, probs, present = self._concept_object(images, concept)
         for name in BADGE_HEADS:
             present = present & (probs[name].argmax(-1) == HEADS[name].index(getattr(badge, name)))
         return present
@@ -452,12 +461,13 @@ def read_scene(images: torch.Tensor, probe: ShapesProbe | None = None) -> list[d
 
 
 def concept_identity(images: torch.Tensor, concept: Badge | str, probe: ShapesProbe | None = None) -> torch.Tensor:
-    """[B] graded identity of the main object to a badge or concept name (ShapesProbe.concept_identity)."""
+    """[B] graded identity of the concept object (the badge most like it) to a badge or concept name
+    (ShapesProbe.concept_identity)."""
     return (probe or default_probe(str(images.device))).concept_identity(images, concept)
 
 
 def identity_match(images: torch.Tensor, concept: Badge | str, probe: ShapesProbe | None = None) -> torch.Tensor:
-    """[B] bool: the main object reads as exactly that badge (ShapesProbe.identity_match)."""
+    """[B] bool: the concept object reads as exactly that badge (ShapesProbe.identity_match)."""
     return (probe or default_probe(str(images.device))).identity_match(images, concept)
 
 

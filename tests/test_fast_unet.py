@@ -47,3 +47,14 @@ def test_the_graphs_need_a_cuda_unet(tiny):
 
     with pytest.raises(RuntimeError, match="CUDA device"):
         UNetGraphs(tiny.unet)
+
+
+def test_graphed_unet_leaves_a_cpu_or_adapted_unet_eager(tiny):
+    from diffusion.cuda_graphs import frozen_unet, graphed_unet
+    from diffusion.lora import add_lora
+
+    with graphed_unet(tiny) as on:  # a CPU UNet: nothing to replay
+        assert on is False and tiny.unet_graphs is None
+    assert frozen_unet(tiny) is tiny.unet
+    add_lora(tiny.unet, 4, 1.0, "noxattn", adapter_name="slider")
+    assert frozen_unet(tiny) is None and frozen_unet(SimpleNamespace()) is None  # adapted; no UNet (flow)

@@ -115,6 +115,26 @@ def test_unet_graphs_leave_recording_attention_eager(tiny):
     assert len(tiny.unet_graphs.graphs) == 1
 
 
+def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplog):
+    import logging
+
+    from diffusion.inversion import null_text_inversion
+    from diffusion.sampling import ddim_invert, ddim_sample, initial_noise
+
+    tiny.to("cuda")
+    cond = tiny.encode_prompt(["a red cat"])
+    noise = initial_noise(tiny, 1, torch.Generator().manual_seed(0)).to("cuda")
+    trajectory = ddim_invert(tiny, ddim_sample(tiny, cond, noise, num_steps=4, guidance_scale=1.0), cond, 4)
+    settings = dict(guidance_scale=7.5, inner_steps=3, lr=0.1, early_stop=0.0, early_stop_growth=0.0)
+    eager = null_text_inversion(tiny, trajectory, cond, 4, cuda_graphs=False, **settings)
+    with caplog.at_level(logging.INFO, logger="diffusion.cuda_graphs"):
+        graphed = null_text_inversion(tiny, trajectory, cond, 4, **settings)
+    assert "UNet graph" in caplog.text and tiny.unet_graphs is None  # graphs were on inside, freed after
+    assert graphed.iterations == eager.iterations == [3] * 4
+    for a, b in zip(graphed.embeddings, eager.embeddings):
+        torch.testing.assert_close(a.hidden_states, b.hidden_states, rtol=1e-3, atol=1e-4)
+
+
 def test_residuals_train_on_gpu(tiny_dir, image_folder, tmp_path):
     """The residuals' seeded random init draws on the CPU under Lightning's CUDA init context."""
     from safetensors.torch import load_file

@@ -120,6 +120,23 @@ def test_concept_identity(probe):
     assert concept_identity(torch.full((1, 3, 64, 64), 0.5), "sun_medal", probe).item() == 0.0  # no object
 
 
+def test_concept_identity_reads_the_badge_beside_a_larger_object(probe):
+    """"a small <concept> right of a large pink cross": the concept is the badge, not the largest object."""
+    rng = random.Random(5)
+    scenes = []
+    for name in CONCEPTS:
+        badge = concept_scene(name, rng, background="gray").objects[0]
+        scenes.append(Scene("gray", [ObjectSpec("cross", "pink", 0.3, 0.3, 0.5),
+                                     replace(badge, size=0.15, x=0.78, y=0.5, angle=0.0)], "left of"))
+    images, _ = render_batch(scenes)
+    assert (object_masks(images)[:, 0].sum((-2, -1)) > object_masks(images)[:, 1].sum((-2, -1))).all()  # cross largest
+    for image, name in zip(images, CONCEPTS):
+        assert concept_identity(image[None], name, probe).item() > 0.9, name
+        assert identity_match(image[None], name, probe).item(), name
+    assert concept_identity(images[:1], "ember_gem" if list(CONCEPTS)[0] != "ember_gem" else "sun_medal",
+                            probe).item() < 0.8  # another concept's badge is still not the concept
+
+
 def test_missing_weights_error(tmp_path):
     missing = tmp_path / "nowhere" / "probe.safetensors"
     with pytest.raises(ArtifactError, match="python -m metrics.shapes_probes train") as error:

@@ -56,6 +56,7 @@ def null_text_variants(backbone, image: torch.Tensor, z0: torch.Tensor, w: float
     weights: seconds, Adam iterations and the PSNR (dB) of the guided reconstruction against the image."""
     from diffusion.inversion import null_text_inversion, reconstruct
     from diffusion.sampling import ddim_invert
+    from metrics.image_quality import PSNR
 
     rows = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -70,10 +71,9 @@ def null_text_variants(backbone, image: torch.Tensor, z0: torch.Tensor, w: float
             (trajectory, schedule), seconds = timed(run)
             with torch.no_grad():
                 pixels = backbone.decode_latents(reconstruct(backbone, trajectory, cond, schedule, n, w).float())
-            mse = (pixels[0].cpu() - image.cpu()).pow(2).mean().clamp_min(1e-12)
             name = f"{'fp32' if dtype == torch.float32 else 'bf16'}_{'graphs' if graphs else 'eager'}"
             rows[name] = {"seconds": seconds, "iterations": sum(schedule.iterations),
-                          "psnr_db": float(10 * torch.log10(1 / mse))}
+                          "psnr_db": PSNR().per_image(pixels.cpu(), image[None].cpu().float()).item()}
             print(name, json.dumps(rows[name]), flush=True)
     backbone.to(torch.float32)
     return rows
@@ -121,17 +121,16 @@ def main() -> None:
     encoder = ensure_encoder(args.out / f"clip-vit-{args.encoder}", args.encoder).to(device)
     fitter = StyleDiffusionFitter.create(backbone, encoder, FitSettings.from_yaml(n, w))
     trajectory, result["ddim_inversion_s"] = timed(lambda: invert_latents(backbone, z0, SOURCE, n))
+    cond_src = backbone.encode_prompt([SOURCE])
+    latents = [z[None].to(device) for z in trajectory.latents]
+    # before the hub: null-text inversion's UNet calls replay graphs only through diffusers' own processors
+    schedule, result["null_text_s"] = timed(lambda: null_text_inversion(backbone, latents, cond_src, n, w))
+    result["null_text_iterations"] = sum(schedule.iterations)
     generator = torch.Generator(device).manual_seed(0)
     hub = AttentionHub(backbone.unet)  # StyleDiffusion's value input goes through the hub's processors
     inversion, result["style_diffusion_fit_s"] = timed(
         lambda: fitter.fit(hub, image[None].to(device), SOURCE, trajectory, "scene_00", generator))
     result["style_diffusion_iterations"] = sum(inversion.iterations)
-    cond_src = backbone.encode_prompt([SOURCE])
-    latents = [z[None].to(device) for z in trajectory.latents]
-    hub.restore()  # null-text inversion's UNet calls replay graphs only through diffusers' own processors
-    schedule, result["null_text_s"] = timed(lambda: null_text_inversion(backbone, latents, cond_src, n, w))
-    result["null_text_iterations"] = sum(schedule.iterations)
-    hub = AttentionHub(backbone.unet)
 
     cond = backbone.encode_prompt([SOURCE, TARGET])
     p2p, p2plus = (load_edit_method(name).controllers(backbone, SOURCE, TARGET)[0]

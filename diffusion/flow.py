@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.conditioning import Conditioning
 from diffusion.builds import ensure_built_pipeline
+from diffusion.conditioning import Conditioning
 from diffusion.dtypes import resolve_dtype, weight_device, weight_dtype
 from diffusion.model_index import flow_kind, hub_model_index
 from diffusion.vae import VAELatents

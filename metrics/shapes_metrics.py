@@ -62,7 +62,7 @@ class ShapesAttributeAccuracy(_ProbeMetric):
 
 class ConceptIdentity(_ProbeMetric):
     """Mean graded similarity of each image's concept object to a concept, and the strict match rate
-    (`ShapesProbe.concept_identity` / `identity_match`)."""
+    (`ShapesProbe.concept_scores`)."""
 
     def __init__(self, concept: Badge | str, probe: ShapesProbe | None = None, **kwargs):
         super().__init__(probe, **kwargs)
@@ -73,8 +73,9 @@ class ConceptIdentity(_ProbeMetric):
 
     def update(self, images: torch.Tensor) -> None:
         pixels = self._pixels(images)
-        self.similarity += self.reader.concept_identity(pixels, self.concept).double().sum().to(self.device)
-        self.matches += self.reader.identity_match(pixels, self.concept).double().sum().to(self.device)
+        similarity, match = self.reader.concept_scores(pixels, self.concept)  # one segmentation for both
+        self.similarity += similarity.double().sum().to(self.device)
+        self.matches += match.double().sum().to(self.device)
         self.total += float(len(pixels))
 
     def compute(self) -> dict[str, torch.Tensor]:

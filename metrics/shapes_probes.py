@@ -339,41 +339,40 @@ class ShapesProbe(nn.Module):
             readings.append(SceneReading(background, objects))
         return readings
 
-    def _concept_object(self, images: torch.Tensor, concept: Badge | str
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """The object of each image that stands for a concept: among the objects read as badges, the one most like
-        it (a prompt may put it beside other objects, larger ones too: "a small <concept> right of a large pink
-        cross"); the largest object when none reads as a badge. Returns its graded identity [B], its class
-        probabilities [B, classes] per head, and [B] whether the image has an object at all."""
+    def concept_scores(self, images: torch.Tensor, concept: Badge | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] graded identity, [B] strict match) of each image's concept object, read once: among the objects
+        read as badges, the one most like the concept (a prompt may put it beside other objects, larger ones too:
+        "a small <concept> right of a large pink cross"); the largest object when none reads as a badge.
+
+        The graded identity is the mean, over the four badge attributes (outer, outer_colour, inner,
+        inner_colour), of the probability the classifier gives the reference value: 1 for a clean render of that
+        badge, about 0.75 with one attribute surely wrong, 0.5 with two, and 0 for an image with no object; graded
+        rather than all-or-nothing, so that partial identity loss shows. The strict match: all four read as the
+        reference's.
+        """
         badge = CONCEPTS[concept] if isinstance(concept, str) else concept
         seg = segment(images)
         probs = self.classify(images, seg.masks, seg.background)  # [B, K, classes]; the others get painted out
-        scores = torch.stack([probs[name][..., HEADS[name].index(getattr(badge, name))] for name in BADGE_HEADS]).mean(0)
+        reference = {name: HEADS[name].index(getattr(badge, name)) for name in BADGE_HEADS}
+        scores = torch.stack([probs[name][..., index] for name, index in reference.items()]).mean(0)
         exists = seg.masks.flatten(2).any(-1).to(self.device)
         badges = exists & (probs["shape"].argmax(-1) == HEADS["shape"].index("badge"))
         best = scores.masked_fill(~badges, -1.0).argmax(1)
         chosen = torch.where(badges.any(1), best, torch.zeros_like(best))  # slot 0: the largest object
         rows = torch.arange(len(chosen), device=chosen.device)
-        return scores[rows, chosen], {name: p[rows, chosen] for name, p in probs.items()}, exists[:, 0]
+        present = exists[:, 0]
+        match = present.clone()
+        for name, index in reference.items():
+            match &= probs[name][rows, chosen].argmax(-1) == index
+        return scores[rows, chosen] * present, match
 
     def concept_identity(self, images: torch.Tensor, concept: Badge | str) -> torch.Tensor:
-        """[B] similarity in [0, 1] of each image's concept object (`_concept_object`) to a badge identity.
-
-        Defined as the mean, over the four badge attributes (outer, outer_colour, inner, inner_colour), of the
-        probability the classifier gives the reference value: 1 for a clean render of that badge, about 0.75
-        with one attribute surely wrong, 0.5 with two, and 0 for an image with no object. Graded rather than
-        all-or-nothing, so that partial identity loss shows; `identity_match` is the strict version.
-        """
-        scores, probs, present = self._concept_object(images, concept)
-        return scores * present
+        """[B] graded identity in [0, 1] of each image's concept object to a badge (`concept_scores`)."""
+        return self.concept_scores(images, concept)[0]
 
     def identity_match(self, images: torch.Tensor, concept: Badge | str) -> torch.Tensor:
-        """[B] bool: the concept object's four badge attributes all read as the reference's."""
-        badge = CONCEPTS[concept] if isinstance(concept, str) else concept
-        _, probs, present = self._concept_object(images, concept)
-        for name in BADGE_HEADS:
-            present = present & (probs[name].argmax(-1) == HEADS[name].index(getattr(badge, name)))
-        return present
+        """[B] bool: the concept object's four badge attributes all read as the reference's (`concept_scores`)."""
+        return self.concept_scores(images, concept)[1]
 
     def attribute_accuracy(self, images: torch.Tensor, scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
         """Per-attribute correctness of images against the scenes they should show (see `score_readings`)."""

@@ -9,9 +9,9 @@ comparison), 20 prompts x 5 seeds, the same seeds for every method.
 
 `train` runs train.py for each concept (its 5 reference renders in assets/shapes_concepts/<concept>)
 and method: residuals (proj_out, the paper's defaults), kv (the same on cross-attention K/V),
-textual_inversion (the framework's recipe), and on request residuals_zero (zero-initialised B),
-residuals_zero_600 and residuals_zero_1500 (the same, 600 / 1500 iterations) and textual_inversion_one
-(one vector, the paper's baseline).
+textual_inversion (Table 1's baseline: one vector), and on request residuals_zero (zero-initialised B),
+residuals_zero_600 and residuals_zero_1500 (the same, 600 / 1500 iterations) and textual_inversion_four
+(four vectors, the shapes world's recipe for a badge's four parts).
 `evaluate` runs evaluate.py on every run with metrics=shapes_concept (the probes' attribute accuracy,
 and the concept's identity) over assets/prompts/personalization_eval.txt (10 new backgrounds, 10 added
 objects), the proj_out residual runs with `sweep={lag:[false,true]}`, and gathers the rows.
@@ -44,8 +44,8 @@ METHODS = {
                            "trainer.max_steps=600"],  # 4x the paper's iterations (the shapes world's concepts need them)
     "residuals_zero_1500": ["experiment=residuals_shapes", "callbacks.evaluation=null", "module.init=zero",
                             "trainer.max_steps=1500"],
-    "textual_inversion_one": ["experiment=ti_shapes", "callbacks.evaluation=null",
-                              "module.token.num_vectors=1"],  # Gal et al.'s one vector, the paper's Table 1 baseline
+    "textual_inversion_four": ["experiment=ti_shapes", "callbacks.evaluation=null",
+                               "module.token.num_vectors=4"],  # the shapes world's recipe, stronger than Table 1's
 }
 PROMPTS = ROOT / "assets" / "prompts" / "personalization_eval.txt"
 SEEDS = "[0,1,2,3,4]"

@@ -6,7 +6,9 @@ prompt-to-prompt's AttentionStore / AttentionReplace: for each layer it `wants`,
 attention probabilities [batch, heads, queries, keys] and returns them, recorded or edited.
 Layers that no active controller wants run PyTorch's fused scaled-dot-product attention exactly as
 diffusers' AttnProcessor2_0 does; so do layers whose controllers only read (`edits = False`), which
-then also compute the probabilities for those controllers.
+then also compute the probabilities for those controllers. A `KeySumReader` (LAG's `TokenMask`) needs
+only weighted sums of a layer's probabilities over the keys: where every controller of a layer is one,
+the sums come from a second fused call with the weights as values and no probabilities are formed.
 
 Batch layout during classifier-free guidance (the sampler sets `state.cfg`): [uncond; cond], and
 within each half sample 0 is the source prompt and the others are edited prompts (prompt-to-prompt).
@@ -140,15 +142,21 @@ class ControlledAttnProcessor:
             key = attn.norm_k(key)
 
         controllers = [c for c in self.hub.controllers if c.wants(self.place)]
+        probs = None
         if controllers:
+            call = AttentionCall(self.place, self.hub.query_hw(query.shape[2]), self.hub.state)
+        if any(not isinstance(c, KeySumReader) for c in controllers):
             scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask.float()
             probs = scores.softmax(dim=-1).to(query.dtype)
-            call = AttentionCall(self.place, self.hub.query_hw(query.shape[2]), self.hub.state)
             for controller in controllers:
                 probs = controller(probs, call)
-        if controllers and any(c.edits for c in controllers):
+        else:
+            for reader in controllers:  # sum_k p_qk w_k is attention with the weights w as the values
+                columns = reader.value_columns(query.shape[0], attn.heads, key.shape[2], query.dtype, query.device)
+                reader.read(F.scaled_dot_product_attention(query, key, columns, attn_mask=attention_mask), call)
+        if probs is not None and any(c.edits for c in controllers):
             out = probs @ value
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
@@ -588,17 +596,53 @@ class LocalBlend(AttentionController):
 
 
 # ----- attention masks (LAG) -----------------------------------------------------------------------
-class TokenMask(AttentionController):
+class KeySumReader(AttentionController):
+    """A read-only controller that needs, per head and query, only weighted sums of a layer's probabilities over
+    the keys, sum_k p_qk w_k, for a few weight vectors w ([rows, keys] from `key_weights`). Alone on a layer it
+    gets them from one more fused attention call with the weights as values (`value_columns`), without forming
+    the probabilities (on SD1.5 about 60 operators a layer, docs/benchmarks.md: LAG's cost); beside controllers
+    that need the probabilities, from those."""
+
+    edits = False
+    ALIGN = 8  # value columns padded to a multiple of 8: the fused kernels' alignment for half precision
+
+    def key_weights(self, keys: int) -> torch.Tensor:
+        """[rows, keys, n]: n weight vectors per row, rows = the conditional batch (or 1, for every row)."""
+        raise NotImplementedError
+
+    def read(self, sums: torch.Tensor, call: AttentionCall) -> None:
+        """sums: [batch, heads, queries, n + padding], the weighted sums of the call's rows."""
+        raise NotImplementedError
+
+    def value_columns(self, batch: int, heads: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """[batch, heads, keys, n padded]: the weights as a value tensor for every row of the call (under CFG the
+        unconditional half repeats the conditional rows; readers use the half they need). Built once per shape."""
+        cache = self.__dict__.setdefault("_columns", {})  # the weights are fixed: one tensor per call shape
+        key = (batch, heads, keys, dtype, str(device))
+        if key not in cache:
+            weights = self.key_weights(keys).to(device, torch.float32)
+            rows, n = weights.shape[0], weights.shape[-1]
+            if batch % rows:
+                raise ValueError(f"{type(self).__name__} has weights for {rows} prompts; the batch has {batch} rows")
+            padded = F.pad(weights, (0, -n % self.ALIGN)).repeat(batch // rows, 1, 1)
+            cache[key] = padded[:, None].expand(-1, heads, -1, -1).to(dtype).contiguous()
+        return cache[key]
+
+    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        columns = self.value_columns(probs.shape[0], 1, probs.shape[-1], probs.dtype, probs.device)
+        self.read(probs @ columns, call)
+        return probs
+
+
+class TokenMask(KeySumReader):
     """Per transformer block: the conditional cross-attention of some tokens, binarised at its median.
 
     The tokens are `token_indices` (key positions shared by the batch, or a [batch, k] tensor) or a
     `selection` of weights over the keys ([keys], or [batch, keys] when each prompt's concept sits at
-    its own positions); the block's score is the sum of the selected tokens' maps (LAG, Sec. 3.3).
-    `mask_for(block_name)` returns [batch, 1, h, w] for the block's latest call (the mask repeats for
-    the unconditional half under CFG), or None before the block has run.
+    its own positions); the block's score is the sum of the selected tokens' maps, heads averaged (LAG,
+    Sec. 3.3). `mask_for(block_name)` returns [batch, 1, h, w] for the block's latest call (the mask
+    repeats for the unconditional half under CFG), or None before the block has run.
     """
-
-    edits = False
 
     def __init__(self, token_indices: Sequence[int] | torch.Tensor | None = None,
                  selection: torch.Tensor | None = None):
@@ -613,24 +657,19 @@ class TokenMask(AttentionController):
     def wants(self, place: Place) -> bool:
         return place.is_cross
 
-    def score(self, cond: torch.Tensor) -> torch.Tensor:
-        """[b, Q, K] conditional maps (heads averaged) -> [b, Q] summed over the chosen tokens."""
+    def key_weights(self, keys: int) -> torch.Tensor:
         if self.selection is not None:
-            if self.selection.device != cond.device or self.selection.dtype != cond.dtype:
-                self.selection = self.selection.to(cond.device, cond.dtype)  # once, not per layer
-            return (cond * self.selection.reshape(-1, 1, cond.shape[-1])).sum(-1)
-        idx = torch.as_tensor(self.token_indices, device=cond.device)
-        if idx.ndim == 1:
-            return cond[..., idx].sum(-1)
-        return torch.stack([cond[i, :, idx[i]].sum(-1) for i in range(cond.shape[0])])
+            return self.selection.float().reshape(-1, keys, 1)
+        idx = torch.as_tensor(self.token_indices).cpu().long()
+        rows = idx.reshape(1, -1) if idx.ndim == 1 else idx  # shared positions, or one row of positions per prompt
+        return torch.zeros(rows.shape[0], keys).scatter_(1, rows, 1.0)[..., None]
 
-    def __call__(self, probs, call):
-        score = self.score(cond_half(probs, call.state).mean(dim=1))  # [b, Q]
-        mask = (score > score.median(dim=-1, keepdim=True).values).to(probs.dtype)
+    def read(self, sums: torch.Tensor, call: AttentionCall) -> None:
+        score = cond_half(sums[..., 0], call.state).mean(dim=1)  # [b, Q]
+        mask = (score > score.median(dim=-1, keepdim=True).values).to(sums.dtype)
         if call.state.cfg:
             mask = torch.cat([mask, mask])
         self.masks[call.place.block_name] = mask.reshape(mask.shape[0], 1, *call.hw)
-        return probs
 
     def mask_for(self, block_name: str) -> torch.Tensor | None:
         return self.masks.get(block_name)

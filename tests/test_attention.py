@@ -577,6 +577,43 @@ def test_token_mask_under_cfg_repeats_the_conditional_mask(tiny):
         assert torch.equal(m[2:].flatten(1).bool(), score > score.median(-1, keepdim=True).values)
 
 
+class SumsOnly(TokenMask):
+    """A TokenMask that fails if a layer hands it probabilities instead of its weighted sums."""
+
+    def __call__(self, probs, call):
+        raise AssertionError(f"{call.place.name} formed probabilities for a key-sum reader")
+
+
+@pytest.mark.parametrize("selected", ["indices", "selection"])
+def test_a_token_mask_alone_reads_its_sums_from_the_fused_kernel(tiny, selected):
+    """Alone on the cross-attention layers a TokenMask is never handed probabilities: its weights are one more
+    fused call's values. Its masks are those it reads from the probabilities beside a store (up to ties at the
+    median), and the UNet's output is the plain processors' exactly."""
+    selection = torch.zeros(2, K)
+    selection[0, [CAT, 2]] = selection[1, 3] = 1
+    kwargs = {"token_indices": [CAT]} if selected == "indices" else {"selection": selection}
+    x, cond = cfg_batch(tiny, [SRC, DOG], latents(2))
+    plain = unet(tiny, x, cond)
+    alone, beside = SumsOnly(**kwargs), TokenMask(**kwargs)
+    with AttentionHub(tiny.unet, [alone]) as hub, hub.sampling_state(cfg=True):
+        fused = unet(tiny, x, cond)
+    with AttentionHub(tiny.unet, [beside, AttentionStore()]) as hub, hub.sampling_state(cfg=True):
+        unet(tiny, x, cond)
+    assert torch.equal(fused, plain)
+    assert set(alone.masks) == set(beside.masks) and len(alone.masks) == NUM_LAYERS
+    for block, mask in alone.masks.items():
+        assert mask.shape == beside.masks[block].shape and mask.shape[0] == 4
+        assert (mask != beside.masks[block]).float().mean() < 0.01  # only ties at the median may differ
+
+
+def test_a_token_mask_for_other_prompts_than_the_batch_says_so(tiny):
+    """Selections for 3 prompts cannot mask a batch of 2: a ValueError naming both counts, not a shape error."""
+    x, cond = latents(2), tiny.encode_prompt([SRC, DOG])
+    with AttentionHub(tiny.unet, [TokenMask(selection=torch.ones(3, K))]):
+        with pytest.raises(ValueError, match="weights for 3 prompts; the batch has 2 rows"):
+            unet(tiny, x, cond)
+
+
 # ----- LocalBlend (prompt-to-prompt) -------------------------------------------------------------
 def test_local_blend_sums_the_conditional_word_maps_of_the_16x16_down_and_up_layers(tiny, tok):
     """Per prompt, its own word's cross maps, heads averaged, summed over the 16x16 layers of the down and up

@@ -115,6 +115,29 @@ def test_unet_graphs_leave_recording_attention_eager(tiny):
     assert len(tiny.unet_graphs.graphs) == 1
 
 
+def test_lag_masks_read_from_the_fused_kernel_in_bf16(tiny):
+    """LAG's TokenMask alone on CUDA in bf16: the fused call with the tokens as values runs (its value width differs
+    from the keys'), the UNet's output is the plain one, and the masks are those read from the probabilities
+    up to bf16 ties at the median."""
+    from diffusion.attention import AttentionHub, AttentionStore, TokenMask
+    from diffusion.backbone import Conditioning
+
+    tiny.to("cuda", torch.bfloat16)
+    cond = Conditioning.cat([tiny.encode_prompt(["", ""]), tiny.encode_prompt(["a photo of a cat", "a red dog"])])
+    side = tiny.unet.config.sample_size
+    x = torch.randn(2, 4, side, side, device="cuda", dtype=torch.bfloat16).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        plain = tiny.predict(x, 500, cond)
+        alone, beside = TokenMask([5]), TokenMask([5])
+        with AttentionHub(tiny.unet, [alone]) as hub, hub.sampling_state(cfg=True):
+            fused = tiny.predict(x, 500, cond)
+        with AttentionHub(tiny.unet, [beside, AttentionStore()]) as hub, hub.sampling_state(cfg=True):
+            tiny.predict(x, 500, cond)
+    assert torch.equal(fused, plain) and len(alone.masks) == 7
+    for block, mask in alone.masks.items():
+        assert mask.dtype == torch.bfloat16 and (mask != beside.masks[block]).float().mean() < 0.05
+
+
 def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplog):
     import logging
 

@@ -606,6 +606,9 @@ class KeySumReader(AttentionController):
     edits = False
     ALIGN = 8  # value columns padded to a multiple of 8: the fused kernels' alignment for half precision
 
+    def __init__(self):
+        self._columns: dict[tuple, torch.Tensor] = {}  # the weights are fixed: one value tensor per call shape
+
     def key_weights(self, keys: int) -> torch.Tensor:
         """[rows, keys, n]: n weight vectors per row, rows = the conditional batch (or 1, for every row)."""
         raise NotImplementedError
@@ -617,16 +620,15 @@ class KeySumReader(AttentionController):
     def value_columns(self, batch: int, heads: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:
         """[batch, heads, keys, n padded]: the weights as a value tensor for every row of the call (under CFG the
         unconditional half repeats the conditional rows; readers use the half they need). Built once per shape."""
-        cache = self.__dict__.setdefault("_columns", {})  # the weights are fixed: one tensor per call shape
         key = (batch, heads, keys, dtype, str(device))
-        if key not in cache:
+        if key not in self._columns:
             weights = self.key_weights(keys).to(device, torch.float32)
             rows, n = weights.shape[0], weights.shape[-1]
             if batch % rows:
                 raise ValueError(f"{type(self).__name__} has weights for {rows} prompts; the batch has {batch} rows")
             padded = F.pad(weights, (0, -n % self.ALIGN)).repeat(batch // rows, 1, 1)
-            cache[key] = padded[:, None].expand(-1, heads, -1, -1).to(dtype).contiguous()
-        return cache[key]
+            self._columns[key] = padded[:, None].expand(-1, heads, -1, -1).to(dtype).contiguous()
+        return self._columns[key]
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         columns = self.value_columns(probs.shape[0], 1, probs.shape[-1], probs.dtype, probs.device)
@@ -648,6 +650,7 @@ class TokenMask(KeySumReader):
                  selection: torch.Tensor | None = None):
         if (token_indices is None) == (selection is None):
             raise ValueError("give token_indices or selection")
+        super().__init__()
         self.token_indices, self.selection = token_indices, selection
         self.masks: dict[str, torch.Tensor] = {}
 

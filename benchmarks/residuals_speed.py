@@ -7,7 +7,8 @@ shapes-world reference set resized to the model's resolution, and reports the wa
 steps, the median step and the peak GPU memory (the run's timing.json); the paper's figure is about
 3 minutes on one A100, the target here 60 s. Then times one image (50 DDIM steps, guidance 6, the
 paper's sampling) with the residual everywhere and with LAG, in turns, at each `--batches` size (images
-per call); the target is LAG within 5%. `--profile` adds one profiled UNet call of each.
+per call), each with the UNet's CUDA graphs (the default) and eager; the target is LAG within 5%. `--profile`
+adds one profiled (eager) UNet call of each.
 """
 
 from __future__ import annotations
@@ -70,18 +71,21 @@ def sample(model: str, run: Path, repeats: int, batches: list[int], profile: boo
 def time_sampling(backbone, sampler, prompts: list[str], repeats: int) -> dict:
     from diffusion.sampling import generate
 
-    times: dict[str, list[float]] = {"plain_s": [], "lag_s": []}
-    for r in range(repeats + 1):  # the two take turns; the first round warms up
-        for name, lag in (("plain_s", False), ("lag_s", True)):
+    variants = {"plain_s": (False, True), "lag_s": (True, True), "plain_eager_s": (False, False),
+                "lag_eager_s": (True, False)}  # name: (LAG, CUDA graphs)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(repeats + 1):  # the variants take turns; the first round warms up
+        for name, (lag, graphs) in variants.items():
             with sampler.applied(prompts, lag=lag) as hub:
                 sync()
                 start = time.perf_counter()
-                generate(backbone, prompts, num_steps=50, guidance_scale=6.0, hub=hub)
+                generate(backbone, prompts, num_steps=50, guidance_scale=6.0, hub=hub, cuda_graphs=graphs)
                 sync()
             if r:
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    return {**medians, "lag_overhead": medians["lag_s"] / medians["plain_s"] - 1}
+    return {**medians, "lag_overhead": medians["lag_s"] / medians["plain_s"] - 1,
+            "lag_overhead_eager": medians["lag_eager_s"] / medians["plain_eager_s"] - 1}
 
 
 def profiled_step(backbone, sampler, prompts: list[str], lag: bool, top: int = 12) -> dict:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.cuda_graphs import replayable_hook
 from utils.morphology import dilate
 
 
@@ -81,9 +82,13 @@ class AttentionController:
 
     `edits`: whether `__call__` may return other probabilities than it got. While every controller a
     layer serves only reads (stores, LAG's masks), the layer's output stays the fused kernel's.
+    `replayable`: whether its work is tensor operations that are the same on every UNet call of a sampling
+    loop (no Python records, nothing that depends on the step), so CUDA graphs may capture it
+    (diffusion/cuda_graphs.py's `graphed_sampling`).
     """
 
     edits = True
+    replayable = False
 
     def wants(self, place: Place) -> bool:
         return True
@@ -106,6 +111,10 @@ class ControlledAttnProcessor:
     def __init__(self, hub: "AttentionHub", place: Place):
         self.hub = hub
         self.place = place
+
+    @property
+    def replayable(self) -> bool:
+        return all(c.replayable for c in self.hub.controllers)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  value_hidden_states: torch.Tensor | None = None, **kwargs):
@@ -240,6 +249,7 @@ class AttentionHub(ProcessorHub):
         self._install(unet, {name: ControlledAttnProcessor(self, p) for name, p in self.places.items()},
                       unet.register_forward_pre_hook(self._remember_latent_size))
 
+    @replayable_hook  # the latent size is the same on every call of a sampling loop
     def _remember_latent_size(self, module, args):
         sample = args[0] if args else None
         if torch.is_tensor(sample):
@@ -645,6 +655,8 @@ class TokenMask(KeySumReader):
     Sec. 3.3). `mask_for(block_name)` returns [batch, 1, h, w] for the block's latest call (the mask
     repeats for the unconditional half under CFG), or None before the block has run.
     """
+
+    replayable = True  # each block's mask is the same tensor work on every call; the step is not read
 
     def __init__(self, token_indices: Sequence[int] | torch.Tensor | None = None,
                  selection: torch.Tensor | None = None):

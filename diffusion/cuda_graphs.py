@@ -11,6 +11,10 @@ The UNet's weights are frozen, so the only gradients are those of its inputs (a 
 states). The graphed UNet runs in its weights' dtype with autocast off, as diffusers' pipelines
 run it. Attention processors other than diffusers' own (AttentionHub records maps in Python), a UNet
 whose weights have started training, and calls with cross_attention_kwargs run eager.
+
+Sampling (`graphed_sampling`, one loop of no-grad calls) captures the UNet as it is set up for the loop:
+adapters at their scales, and processors and forward hooks that declare themselves `replayable` (tensor
+work that is the same on every call of the loop, such as LAG's masks). Nothing may change them inside.
 """
 
 from __future__ import annotations
@@ -55,15 +59,55 @@ def graphed_unet(backbone, enabled: bool = True) -> Iterator[bool]:
         backbone.unet_graphs = None
 
 
+PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
+
+
+def replayable_hook(hook: Callable) -> Callable:
+    """Mark a forward hook whose work is tensor operations that are the same on every call of a sampling loop,
+    so that `graphed_sampling` may capture it with the UNet."""
+    hook.replayable = True
+    return hook
+
+
+def replayable(unet: nn.Module) -> bool:
+    """Whether a capture of the UNet's forward replays all it does now: each attention processor is diffusers'
+    own or `replayable`, and so is each forward hook on its modules (a hook that records in Python is not)."""
+    if not all(type(p) in PLAIN_PROCESSORS or getattr(p, "replayable", False) for p in unet.attn_processors.values()):
+        return False
+    return all(getattr(hook, "replayable", False) for module in unet.modules()
+               for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
+
+
+@contextlib.contextmanager
+def graphed_sampling(backbone, enabled: bool = True) -> Iterator[bool]:
+    """For one sampling loop: `backbone.predict` replays CUDA graphs of the UNet as it is set up now (adapters,
+    replayable processors and hooks), captured at the loop's first call of each signature and freed on exit.
+    Elsewhere (the CPU, gradients on, graphs already on, a compiled UNet, a processor or hook that is not
+    replayable, enabled=False) the calls run as they would. Yields whether graphs are on."""
+    unet = getattr(backbone, "unet", None)
+    if not enabled or unet is None or getattr(backbone, "unet_graphs", None) is not None \
+            or torch.is_grad_enabled() or not torch.cuda.is_available() or weight_device(unet).type != "cuda" \
+            or getattr(unet, "_compiled_call_impl", None) is not None or not replayable(unet):
+        yield False
+        return
+    backbone.unet_graphs = UNetGraphs(unet, fixed_setup=True)
+    try:
+        yield True
+    finally:
+        backbone.unet_graphs = None
+
+
 class UNetGraphs:
     """`graphs(sample, timestep, encoder_hidden_states, added_cond_kwargs)` -> the UNet's output, replayed."""
 
-    def __init__(self, unet: nn.Module, max_graphs: int = 16):
+    def __init__(self, unet: nn.Module, max_graphs: int = 16, fixed_setup: bool = False):
+        """fixed_setup: for no-grad calls (one sampling loop) during which nothing changes the UNet's setup, so
+        its processors, hooks and adapters are captured as they are (`graphed_sampling`)."""
         if not torch.cuda.is_available() or weight_device(unet).type != "cuda":
             raise RuntimeError("CUDA graphs need the UNet on a CUDA device")
-        if any(p.requires_grad for p in unet.parameters()):
+        if not fixed_setup and any(p.requires_grad for p in unet.parameters()):
             raise RuntimeError("CUDA graphs replay a frozen UNet; this one has trained parameters")
-        self.unet, self.max_graphs = unet, max_graphs
+        self.unet, self.max_graphs, self.fixed_setup = unet, max_graphs, fixed_setup
         self.graphs: dict[tuple, Callable] = {}  # each with its own memory pool: no replay overwrites another's
 
     def _forward(self, sample, timestep, hidden_states, *added):
@@ -73,7 +117,7 @@ class UNetGraphs:
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None) -> torch.Tensor:
-        if not self.plain_attention() or any(p.requires_grad for p in self.unet.parameters()):
+        if not self.replays_this_call():
             return self.unet(sample.to(weight_dtype(self.unet)), timestep, encoder_hidden_states=encoder_hidden_states,
                              added_cond_kwargs=added_cond_kwargs).sample
         dtype = weight_dtype(self.unet)
@@ -93,14 +137,39 @@ class UNetGraphs:
             out = graphed(*args)
         return out.clone()  # the graph's output buffer is overwritten by its next replay
 
-    def plain_attention(self) -> bool:
-        return all(type(p) in (AttnProcessor, AttnProcessor2_0) for p in self.unet.attn_processors.values())
+    def replays_this_call(self) -> bool:
+        if self.fixed_setup:
+            return not torch.is_grad_enabled()
+        return all(type(p) in PLAIN_PROCESSORS for p in self.unet.attn_processors.values()) \
+            and not any(p.requires_grad for p in self.unet.parameters())
 
     def _capture(self, args: list[torch.Tensor]) -> Callable:
         # static copies with the same autograd needs: the graph reads its inputs from them
         samples = tuple(a.detach().clone().requires_grad_(torch.is_grad_enabled() and a.requires_grad) for a in args)
-        with torch.autocast("cuda", enabled=False):
-            graphed = torch.cuda.make_graphed_callables(self._forward, samples, allow_unused_input=True)
-        log.info("UNet graph %d captured: %s", len(self.graphs) + 1,
-                 ", ".join(f"{tuple(a.shape)}{'*' if a.requires_grad else ''}" for a in samples))
+        if torch.is_grad_enabled():
+            with torch.autocast("cuda", enabled=False):
+                graphed = torch.cuda.make_graphed_callables(self._forward, samples, allow_unused_input=True)
+        else:
+            graphed = self._capture_forward(samples)
+        log.log(logging.DEBUG if self.fixed_setup else logging.INFO, "UNet graph %d captured: %s",
+                len(self.graphs) + 1, ", ".join(f"{tuple(a.shape)}{'*' if a.requires_grad else ''}" for a in samples))
         return graphed
+
+    def _capture_forward(self, samples: tuple[torch.Tensor, ...]) -> Callable:
+        """A no-grad call: one warm-up on a side stream (lazy set-up, controllers' caches), then the forward
+        alone is captured; replays copy their inputs into `samples` and return the graph's output tensor."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(*samples)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._forward(*samples)
+
+        def replay(*inputs: torch.Tensor) -> torch.Tensor:
+            for static, value in zip(samples, inputs):
+                static.copy_(value)
+            graph.replay()
+            return out
+        return replay

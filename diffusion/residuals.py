@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from diffusion.attention import AttentionHub, TokenMask, word_token_indices
+from diffusion.cuda_graphs import replayable_hook
 from diffusion.lora import add_lora, set_lora_scale
 from utils.errors import ArtifactError, ConfigError
 from utils.io import read_info_beside
@@ -160,6 +161,7 @@ class ResidualSampler:
 
     @staticmethod
     def _mask_hook(block_name: str, token_mask: TokenMask):
+        @replayable_hook  # the block's mask is the tensor its attention writes on every call
         def hook(module, args, out):
             mask = token_mask.mask_for(block_name)
             if mask is None:  # the block's attention has not run (a call outside the sampler): residual everywhere

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from diffusion.attention import AttentionHub
 from diffusion.backbone import Backbone, Conditioning
+from diffusion.cuda_graphs import graphed_sampling
 from diffusion.flow import FlowBackbone, flow_generate
 from utils.errors import ConfigError
 
@@ -75,33 +76,35 @@ def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: 
                 generator: torch.Generator | None = None, hub: AttentionHub | None = None,
                 cross_attention_kwargs: dict | Callable[[int], dict] | None = None,
                 step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, cuda_graphs: bool = True) -> torch.Tensor:
     """Denoise `latents` from step `start_step` to `stop_step` (default: the end) of an N-step DDIM run.
 
     Partial denoising stops early (Prompt / Concept Sliders); `step_callback(i, latents)` may
     return replacement latents (e.g. local blending); `cond` and `uncond` may change with the step
     (schedules: a null-text inversion's unconditional embeddings), and so may the UNet's
     `cross_attention_kwargs` (a callable of the step index: StyleDiffusion's per-step value inputs).
-    Deterministic for a given generator.
+    Deterministic for a given generator. On a GPU the loop's UNet calls replay CUDA graphs where the UNet's
+    set-up allows (`graphed_sampling`: a batch-1 step is bound by kernel launches); cuda_graphs=False runs eager.
     """
     schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
     stop = num_steps if stop_step is None else stop_step
     x = latents
-    for i in tqdm(range(start_step, stop), disable=not progress, desc="ddim", leave=False):
-        t = schedule.timesteps[i].to(x.device)
-        if hub is not None:
-            hub.state.step, hub.state.num_steps = i, num_steps
-        c = cond(i, int(schedule.timesteps[i])) if callable(cond) else cond
-        u = uncond(i, int(schedule.timesteps[i])) if callable(uncond) else uncond
-        kwargs = cross_attention_kwargs(i) if callable(cross_attention_kwargs) else cross_attention_kwargs
-        eps = guided_epsilon(backbone, x, t, c, u, guidance_scale, hub, kwargs)
-        noise = None
-        if eta:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x = schedule.step(x, eps, schedule.alpha(i), schedule.alpha(i + 1), eta, noise).to(latents.dtype)
-        if step_callback is not None:
-            replaced = step_callback(i, x)
-            x = x if replaced is None else replaced
+    with graphed_sampling(backbone, cuda_graphs):
+        for i in tqdm(range(start_step, stop), disable=not progress, desc="ddim", leave=False):
+            t = schedule.timesteps[i].to(x.device)
+            if hub is not None:
+                hub.state.step, hub.state.num_steps = i, num_steps
+            c = cond(i, int(schedule.timesteps[i])) if callable(cond) else cond
+            u = uncond(i, int(schedule.timesteps[i])) if callable(uncond) else uncond
+            kwargs = cross_attention_kwargs(i) if callable(cross_attention_kwargs) else cross_attention_kwargs
+            eps = guided_epsilon(backbone, x, t, c, u, guidance_scale, hub, kwargs)
+            noise = None
+            if eta:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            x = schedule.step(x, eps, schedule.alpha(i), schedule.alpha(i + 1), eta, noise).to(latents.dtype)
+            if step_callback is not None:
+                replaced = step_callback(i, x)
+                x = x if replaced is None else replaced
     if hub is not None:
         hub.state.step = hub.state.num_steps = None
         hub.state.cfg = False
@@ -152,7 +155,7 @@ def initial_noise(backbone: Backbone, batch: int, generator: torch.Generator | N
 def generate(backbone: Backbone | FlowBackbone, prompts: list[str], seed: int | Sequence[int] = 0, num_steps: int = 50,
              guidance_scale: float = 7.5, negative_prompt: str = "", hub: AttentionHub | None = None,
              progress: bool = False, encode: Callable[[list[str]], Conditioning | CondSchedule] | None = None,
-             resolution: int | None = None, decode: bool = True) -> torch.Tensor:
+             resolution: int | None = None, decode: bool = True, cuda_graphs: bool = True) -> torch.Tensor:
     """Images in [0, 1], [B, 3, H, W], for prompts in one batch (latents with decode=False).
 
     `seed` is one seed per prompt, or an int s meaning s, s+1, ...: each sample's noise comes from
@@ -174,5 +177,6 @@ def generate(backbone: Backbone | FlowBackbone, prompts: list[str], seed: int | 
                        for s in seeds])
     cond = (encode or backbone.encode_prompt)(prompts)
     uncond = backbone.encode_prompt([negative_prompt])
-    latents = ddim_sample(backbone, cond, noise, uncond, num_steps, guidance_scale, hub=hub, progress=progress)
+    latents = ddim_sample(backbone, cond, noise, uncond, num_steps, guidance_scale, hub=hub, progress=progress,
+                          cuda_graphs=cuda_graphs)
     return backbone.decode_latents(latents) if decode else latents

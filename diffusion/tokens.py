@@ -116,9 +116,16 @@ class PlaceholderTokens(nn.Module):
         if initializer and not train_existing:  # fail before any tokenizer is changed
             for i in self.encoder_indices:
                 self._initializer_id(backbone.tokenizers[i], initializer)
+        added: dict[int, list[int]] = {}  # a tokenizer two encoders share (in-memory pipelines) is extended once
         for i in self.encoder_indices:
             tokenizer, encoder = backbone.tokenizers[i], backbone.text_encoders[i]
-            ids = self._existing_ids(tokenizer, token) if train_existing else self._add(tokenizer, encoder)
+            if train_existing:
+                ids = self._existing_ids(tokenizer, token)
+            elif id(tokenizer) in added:
+                ids = added[id(tokenizer)]
+                grow_embedding(encoder, len(tokenizer))
+            else:
+                ids = added[id(tokenizer)] = self._add(tokenizer, encoder)
             embedding = encoder.get_input_embeddings()
             if not train_existing:
                 with torch.no_grad():
@@ -134,7 +141,7 @@ class PlaceholderTokens(nn.Module):
         clashes = [n for n in self.names if n in vocab or f"{n}</w>" in vocab]
         if clashes:
             raise ConfigError(f"token {clashes[0]!r} is already in the tokenizer's vocabulary; choose a new "
-                              f"name (e.g. '<{clashes[0].strip('<>')}>') or set token.train_existing=true to "
+                              f"name (e.g. '<{clashes[0].strip('<>')}-2>') or set token.train_existing=true to "
                               f"train the existing word")
         tokenizer.add_tokens(self.names)
         grow_embedding(encoder, len(tokenizer))

@@ -58,3 +58,27 @@ def test_graphed_unet_leaves_a_cpu_or_adapted_unet_eager(tiny):
     assert frozen_unet(tiny) is tiny.unet
     add_lora(tiny.unet, 4, 1.0, "noxattn", adapter_name="slider")
     assert frozen_unet(tiny) is None and frozen_unet(SimpleNamespace()) is None  # adapted; no UNet (flow)
+
+
+def test_sampling_graphs_capture_only_what_replays_the_same(tiny):
+    """graphed_sampling captures a UNet with diffusers' processors, LAG's masks and hooks and adapters; not one
+    whose hub records in Python or with an unmarked hook; and nothing on the CPU."""
+    from diffusion.attention import AttentionStore
+    from diffusion.cuda_graphs import graphed_sampling, replayable, replayable_hook
+    from diffusion.residuals import ResidualSampler, add_residuals
+
+    add_residuals(tiny.unet)
+    assert replayable(tiny.unet)
+    cat = tiny.tokenizers[0]("cat", add_special_tokens=False).input_ids
+    with ResidualSampler(tiny, cat, "cat").applied(["a photo of a cat"], lag=True) as hub:
+        assert replayable(tiny.unet)
+        with hub.using(AttentionStore()):  # maps kept in Python lists
+            assert not replayable(tiny.unet)
+        assert replayable(tiny.unet)
+    block = tiny.unet.down_blocks[0]
+    for hook, replays in ((lambda *args: None, False), (replayable_hook(lambda *args: None), True)):
+        handle = block.register_forward_hook(hook)
+        assert replayable(tiny.unet) is replays
+        handle.remove()
+    with torch.no_grad(), graphed_sampling(tiny) as on:
+        assert on is False and tiny.unet_graphs is None

@@ -145,6 +145,29 @@ def test_placeholder_token_reaches_every_text_encoder(kind, flow_dirs):
     torch.testing.assert_close(after.pooled, before.pooled)  # pooled text comes from CLIP alone
 
 
+def test_a_tokenizer_two_encoders_share_gets_the_token_once(flow_dirs):
+    """A pipeline built in memory may hand SD3's two CLIP encoders one tokenizer: the token is added once and
+    both encoders' tables grow to hold its row, each trained on its own."""
+    from diffusion.flow import load_flow_backbone
+    from diffusion.tokens import PlaceholderTokens
+
+    backbone = load_flow_backbone(str(flow_dirs["sd3"]))
+    backbone.clip_tokenizers[1] = backbone.clip_tokenizers[0]
+    size = len(backbone.clip_tokenizers[0])
+    tokens = PlaceholderTokens(backbone, TOKEN, initializer="object")
+    assert len(backbone.clip_tokenizers[0]) == size + 1
+    assert tokens.rows[0].token_ids.tolist() == tokens.rows[1].token_ids.tolist() == [size]
+    for encoder in backbone.text_encoders[:2]:
+        assert encoder.get_input_embeddings().weight.shape[0] == size + 1
+    widths = [FILE_KEYS["sd3"]["clip_l"], FILE_KEYS["sd3"]["clip_g"]]  # SD3 joins the CLIP states feature-wise
+    for k, columns in enumerate((slice(0, widths[0]), slice(widths[0], sum(widths)))):
+        before = backbone.encode_prompt(f"a photo of a {TOKEN}").hidden_states
+        with torch.no_grad():
+            tokens.rows[k].rows.add_(1.0)
+        change = (backbone.encode_prompt(f"a photo of a {TOKEN}").hidden_states - before).abs()[0, :77].amax(0)
+        assert change[columns].max() > 0.5 and change[:sum(widths)].sum() == change[columns].sum()
+
+
 # ----- train.py end to end -------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_train_writes_per_encoder_embeddings_and_a_sample_grid(kind, runs, flow_dirs):

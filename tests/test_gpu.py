@@ -138,6 +138,37 @@ def test_lag_masks_read_from_the_fused_kernel_in_bf16(tiny):
         assert mask.dtype == torch.bfloat16 and (mask != beside.masks[block]).float().mean() < 0.05
 
 
+def test_sampling_replays_graphs_of_the_residuals_and_lag_as_eager_runs_them(tiny, caplog):
+    """One sampling loop captures the UNet once with its residual adapter (and LAG's masks and hooks) and replays
+    it: the latents, and LAG's last masks, are eager's within bf16."""
+    import logging
+
+    from diffusion.residuals import ResidualSampler, add_residuals, lora_b_modules
+    from diffusion.sampling import ddim_sample, initial_noise
+
+    add_residuals(tiny.unet)
+    tiny.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for b in lora_b_modules(tiny.unet).values():
+            b.weight.normal_(0.0, 0.05, generator=torch.Generator("cuda").manual_seed(0))  # a residual that shows
+    prompts = ["a photo of a cat", "a cat on the beach"]
+    sampler = ResidualSampler(tiny, tiny.tokenizers[0]("cat", add_special_tokens=False).input_ids, "cat")
+    cond, uncond = tiny.encode_prompt(prompts), tiny.encode_prompt([""])
+    noise = initial_noise(tiny, 2, torch.Generator().manual_seed(0), device="cpu").to("cuda")
+    for lag in (False, True):
+        latents, masks = {}, {}
+        for graphs in (False, True):
+            caplog.clear()
+            with sampler.applied(prompts, lag=lag) as hub, \
+                    caplog.at_level(logging.DEBUG, logger="diffusion.cuda_graphs"):
+                latents[graphs] = ddim_sample(tiny, cond, noise, uncond, 5, 7.5, hub=hub, cuda_graphs=graphs)
+                masks[graphs] = dict(hub.controllers[0].masks) if lag else {}
+            assert caplog.text.count("UNet graph") == int(graphs) and tiny.unet_graphs is None
+        torch.testing.assert_close(latents[True], latents[False], rtol=2e-2, atol=2e-2)
+        for block, mask in masks[False].items():
+            assert (mask != masks[True][block]).float().mean() < 0.02
+
+
 def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplog):
     import logging
 
@@ -146,7 +177,7 @@ def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplo
 
     tiny.to("cuda")
     cond = tiny.encode_prompt(["a red cat"])
-    noise = initial_noise(tiny, 1, torch.Generator().manual_seed(0)).to("cuda")
+    noise = initial_noise(tiny, 1, torch.Generator().manual_seed(0), device="cpu").to("cuda")
     trajectory = ddim_invert(tiny, ddim_sample(tiny, cond, noise, num_steps=4, guidance_scale=1.0), cond, 4)
     settings = dict(guidance_scale=7.5, inner_steps=3, lr=0.1, early_stop=0.0, early_stop_growth=0.0)
     eager = null_text_inversion(tiny, trajectory, cond, 4, cuda_graphs=False, **settings)

@@ -4,6 +4,8 @@ comparison), 20 prompts x 5 seeds, the same seeds for every method.
 
     python benchmarks/residuals_shapes.py train --out runs/residuals [--concepts sun_medal,moon_token] [overrides]
     python benchmarks/residuals_shapes.py evaluate --out runs/residuals      # -> runs/residuals/results.json
+    python benchmarks/residuals_shapes.py evaluate --out runs/residuals --seeds 5,6,7,8,9,10,11,12,13,14   # more
+    python benchmarks/residuals_shapes.py paired --out runs/residuals       # each method - textual inversion, per image
     python benchmarks/residuals_shapes.py lag_masks --out runs/residuals     # LAG masks vs the true masks
     python benchmarks/residuals_shapes.py params                             # SD1.4 parameter counts per target
 
@@ -14,7 +16,9 @@ residuals_zero_600 and residuals_zero_1500 (the same, 600 / 1500 iterations) and
 (four vectors, the shapes world's recipe for a badge's four parts).
 `evaluate` runs evaluate.py on every run with metrics=shapes_concept (the probes' attribute accuracy,
 and the concept's identity) over assets/prompts/personalization_eval.txt (10 new backgrounds, 10 added
-objects), the proj_out residual runs with `sweep={lag:[false,true]}`, and gathers the rows.
+objects), the proj_out residual runs with `sweep={lag:[false,true]}`, and gathers the rows; other `--seeds` than
+0-4 go to their own evaluation folders. `paired` reads every evaluation folder's images again and compares each
+method with textual inversion on the same prompt and seed: the mean difference in identity and its standard error.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ METHODS = {
                                "module.token.num_vectors=4"],  # the shapes world's recipe, stronger than Table 1's
 }
 PROMPTS = ROOT / "assets" / "prompts" / "personalization_eval.txt"
-SEEDS = "[0,1,2,3,4]"
+SEEDS = [0, 1, 2, 3, 4]
 COLUMNS = ("attributes/background", "attributes/count", "attributes/shape", "attributes/colour",
            "identity/identity", "identity/identity_match")
 
@@ -77,16 +81,26 @@ def train(out: Path, concepts: list[str], methods: list[str], extra: list[str], 
             print(f"{concept} {method}: trained in {seconds:.0f} s", flush=True)
 
 
-def evaluate(out: Path, concepts: list[str], methods: list[str], num_steps: int) -> dict:
-    results: dict = {"num_steps": num_steps, "seeds": SEEDS, "prompts": str(PROMPTS.relative_to(ROOT)), "rows": []}
+def seeds_label(seeds: list[int]) -> str:
+    contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    return f"seeds{seeds[0]}-{seeds[-1]}" if contiguous else "seeds" + "_".join(map(str, seeds))
+
+
+def eval_dir_name(method: str, seeds: list[int]) -> str:
+    """The evaluation folder of a method's run: <method>_eval for the default seeds, else <method>_eval_seeds5-14."""
+    return f"{method}_eval" if seeds == SEEDS else f"{method}_eval_{seeds_label(seeds)}"
+
+
+def evaluate(out: Path, concepts: list[str], methods: list[str], num_steps: int, seeds: list[int] = SEEDS) -> dict:
+    results: dict = {"num_steps": num_steps, "seeds": seeds, "prompts": str(PROMPTS.relative_to(ROOT)), "rows": []}
     for concept in concepts:
         for method in methods:
-            run_dir, eval_dir = out / concept / method, out / concept / f"{method}_eval"
+            run_dir, eval_dir = out / concept / method, out / concept / eval_dir_name(method, seeds)
             if not (eval_dir / "metrics.json").is_file():
                 # LAG masks proj_out residuals; K/V residuals and a token have nothing it acts on
                 sweep = ["sweep={lag:[false,true]}"] if method.startswith("residuals") else []
                 seconds = run(["evaluate.py", f"artifact={run_dir}", "metrics=shapes_concept",
-                               f"metrics.identity.concept={concept}", f"prompts_file={PROMPTS}", f"seeds={SEEDS}",
+                               f"metrics.identity.concept={concept}", f"prompts_file={PROMPTS}", f"seeds={seeds}",
                                f"num_steps={num_steps}", "batch_size=50", f"hydra.run.dir={eval_dir}", *sweep],
                               out / f"{concept}_{method}.eval.log")
                 print(f"{concept} {method}: evaluated in {seconds:.0f} s", flush=True)
@@ -99,10 +113,55 @@ def evaluate(out: Path, concepts: list[str], methods: list[str], num_steps: int)
     for row in results["rows"]:
         table.setdefault(row["method"], []).append(row)
     results["mean"] = {m: {k: statistics.fmean(r[k] for r in rows) for k in COLUMNS} for m, rows in table.items()}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    name = "results.json" if seeds == SEEDS else f"results_{seeds_label(seeds)}.json"
+    (out / name).write_text(json.dumps(results, indent=2))
     for method, means in results["mean"].items():
         print(f"{method:24s}", "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in means.items()), flush=True)
     return results
+
+
+def image_identities(eval_dirs: list[Path], concept: str) -> dict[tuple, float]:
+    """(prompt text, seed, lag) -> the concept identity of that evaluation image, over the given folders."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from metrics.shapes_probes import default_probe
+
+    scores = {}
+    for eval_dir in eval_dirs:
+        samples = json.loads((eval_dir / "samples.json").read_text())["samples"]
+        pixels = torch.stack([torch.from_numpy(np.array(Image.open(eval_dir / s["file"]).convert("RGB")))
+                              for s in samples]).permute(0, 3, 1, 2).float() / 255
+        identity, _ = default_probe().concept_scores(pixels, concept)
+        scores.update({(s["text"], s["seed"], bool(s.get("lag", False))): v for s, v in zip(samples, identity.tolist())})
+    return scores
+
+
+def paired(out: Path, concepts: list[str], methods: list[str], baseline: str = "textual_inversion") -> dict:
+    """Each method's identity minus the baseline's on the same prompt and seed, over every evaluation folder both
+    have (all seeds evaluated): n, mean difference, its standard error, and the share of pairs the method wins."""
+    def folders(concept: str, method: str) -> list[Path]:
+        return sorted(d for d in (out / concept).glob(f"{method}_eval*") if (d / "samples.json").is_file())
+
+    rows = []
+    for concept in concepts:
+        base = {(text, seed): v for (text, seed, _), v in image_identities(folders(concept, baseline), concept).items()}
+        for method in (m for m in methods if m != baseline):
+            mine = image_identities(folders(concept, method), concept)
+            for lag in sorted({key[2] for key in mine}):
+                diffs = [v - base[(text, seed)] for (text, seed, with_lag), v in mine.items()
+                         if with_lag == lag and (text, seed) in base]
+                if len(diffs) < 2:
+                    continue
+                row = {"concept": concept, "method": f"{method} + LAG" if lag else method, "n": len(diffs),
+                       "difference": statistics.fmean(diffs), "standard_error": statistics.stdev(diffs) / len(diffs) ** 0.5,
+                       "wins": sum(d > 0 for d in diffs) / len(diffs)}
+                rows.append(row)
+                print(f"{concept:13s} {row['method']:26s} - {baseline}: {row['difference']:+.4f} +- "
+                      f"{row['standard_error']:.4f} (n {row['n']}, wins {row['wins']:.2f})", flush=True)
+    (out / "paired.json").write_text(json.dumps(rows, indent=2))
+    return {"baseline": baseline, "rows": rows}
 
 
 def lag_masks(out: Path, concepts: list[str], num_timesteps: int = 20) -> dict:
@@ -165,19 +224,23 @@ def params() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("train", "evaluate", "lag_masks", "params"))
+    parser.add_argument("phase", choices=("train", "evaluate", "paired", "lag_masks", "params"))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "residuals")
     parser.add_argument("--concepts", type=lambda text: text.split(","), default=list(CONCEPTS))
     parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS)[:3],
                         help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--trainer", default="default")
     parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps when evaluating")
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=SEEDS,
+                        help="comma-separated evaluation seeds (default 0-4)")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (after the options)")
     args = parser.parse_intermixed_args()
     if args.phase == "train":
         train(args.out, args.concepts, args.methods, args.overrides, args.trainer)
     elif args.phase == "evaluate":
-        evaluate(args.out, args.concepts, args.methods, args.num_steps)
+        evaluate(args.out, args.concepts, args.methods, args.num_steps, args.seeds)
+    elif args.phase == "paired":
+        paired(args.out, args.concepts, args.methods)
     elif args.phase == "lag_masks":
         lag_masks(args.out, args.concepts)
     else:

@@ -65,7 +65,7 @@ def null_text_variants(backbone, image: torch.Tensor, z0: torch.Tensor, w: float
         for graphs in (False, True):
             def run():
                 with torch.no_grad():
-                    trajectory = ddim_invert(backbone, z0, cond, n)
+                    trajectory = ddim_invert(backbone, z0, cond, n, cuda_graphs=graphs)
                 return trajectory, null_text_inversion(backbone, trajectory, cond, n, w, cuda_graphs=graphs)
 
             (trajectory, schedule), seconds = timed(run)

@@ -121,23 +121,25 @@ def sdedit_start(num_steps: int, strength: float) -> int:
 @torch.no_grad()
 def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: Conditioning, num_steps: int = 50,
                 uncond: Conditioning | None = None, guidance_scale: float = 1.0, hub: AttentionHub | None = None,
-                progress: bool = False) -> list[torch.Tensor]:
+                progress: bool = False, cuda_graphs: bool = True) -> list[torch.Tensor]:
     """DDIM inversion: [z_0, z_1, ..., z_N] with z_N the noisiest; ddim_sample(z_N) retraces it.
 
     Step k uses the prediction at the timestep of sampling step N-1-k, the same pairs of noise
     levels as sampling visits in reverse (prompt-to-prompt's null-text inversion does the same).
+    CUDA graphs as in `ddim_sample`.
     """
     schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
     trajectory = [latents]
     x = latents
-    for k in tqdm(range(num_steps), disable=not progress, desc="ddim inversion", leave=False):
-        i = num_steps - 1 - k  # the sampling step this inversion step undoes
-        t = schedule.timesteps[i].to(x.device)
-        if hub is not None:
-            hub.state.step, hub.state.num_steps = i, num_steps
-        eps = guided_epsilon(backbone, x, t, cond, uncond, guidance_scale, hub)
-        x = schedule.step(x, eps, schedule.alpha(i + 1), schedule.alpha(i)).to(latents.dtype)
-        trajectory.append(x)
+    with graphed_sampling(backbone, cuda_graphs):
+        for k in tqdm(range(num_steps), disable=not progress, desc="ddim inversion", leave=False):
+            i = num_steps - 1 - k  # the sampling step this inversion step undoes
+            t = schedule.timesteps[i].to(x.device)
+            if hub is not None:
+                hub.state.step, hub.state.num_steps = i, num_steps
+            eps = guided_epsilon(backbone, x, t, cond, uncond, guidance_scale, hub)
+            x = schedule.step(x, eps, schedule.alpha(i + 1), schedule.alpha(i)).to(latents.dtype)
+            trajectory.append(x)
     if hub is not None:
         hub.state.step = hub.state.num_steps = None
         hub.state.cfg = False

@@ -194,3 +194,35 @@ def test_benchmark_runs_train_through_the_experiment_configs(tmp_path):
 def test_composition_on_sd_evaluates_the_model_it_trained(tmp_path):
     cfg = compose_cfg("train", ["experiment=slider_compose_sd15", "model.path=/data/sd15"], tmp_path)
     assert {"model=sd15", "model.path=/data/sd15"} <= set(cfg.hydra.callbacks.evaluate_sweep.overrides)
+
+
+def test_paired_identity_compares_each_image_with_the_baselines_same_prompt_and_seed(tmp_path):
+    """residuals_shapes.py paired: a method whose images are the concept's renders beats a baseline that drew
+    another badge on every pair, over all of each method's evaluation folders, LAG rows apart."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import residuals_shapes
+
+    def folder(method: str, drawn: str, seeds: list[int], lags=(None,)) -> None:
+        eval_dir = tmp_path / "ember_gem" / residuals_shapes.eval_dir_name(method, seeds)
+        (eval_dir / "images").mkdir(parents=True)
+        samples = []
+        for lag in lags:
+            for seed in seeds:
+                for i in range(3):
+                    name = f"images/p{i}_s{seed}_{lag}.png"
+                    shutil.copy(ROOT / "assets" / "shapes_concepts" / drawn / "images" / f"0{i}.png", eval_dir / name)
+                    samples.append({"file": name, "text": f"prompt {i}", "seed": seed,
+                                    **({} if lag is None else {"lag": lag})})
+        (eval_dir / "samples.json").write_text(json.dumps({"samples": samples}))
+
+    for seeds in ([0, 1, 2, 3, 4], [5, 6]):
+        folder("textual_inversion", "sun_medal", seeds)
+        folder("kv", "ember_gem", seeds)
+    folder("residuals", "ember_gem", [0, 1, 2, 3, 4], lags=(False, True))
+    rows = residuals_shapes.paired(tmp_path, ["ember_gem"], ["textual_inversion", "kv", "residuals"])["rows"]
+    assert [(r["method"], r["n"]) for r in rows] == [("kv", 21), ("residuals", 15), ("residuals + LAG", 15)]
+    assert all(r["difference"] > 0.2 and r["wins"] == 1.0 for r in rows)
+    assert residuals_shapes.eval_dir_name("kv", [5, 6, 7]) == "kv_eval_seeds5-7"
+    assert json.loads((tmp_path / "paired.json").read_text()) == rows

@@ -78,14 +78,19 @@ def replayable(unet: nn.Module) -> bool:
                for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
 
 
+MIN_CALLS = 3  # a capture costs about two eager calls: shorter loops run eager
+
+
 @contextlib.contextmanager
-def graphed_sampling(backbone, enabled: bool = True) -> Iterator[bool]:
-    """For one sampling loop: `backbone.predict` replays CUDA graphs of the UNet as it is set up now (adapters,
-    replayable processors and hooks), captured at the loop's first call of each signature and freed on exit.
-    Elsewhere (the CPU, gradients on, graphs already on, a compiled UNet, a processor or hook that is not
-    replayable, enabled=False) the calls run as they would. Yields whether graphs are on."""
+def graphed_sampling(backbone, enabled: bool = True, calls: int | None = None) -> Iterator[bool]:
+    """For one sampling loop (of `calls` UNet calls, if known): `backbone.predict` replays CUDA graphs of the UNet
+    as it is set up now (adapters, replayable processors and hooks), captured at the loop's first call of each
+    signature and freed on exit. Elsewhere (the CPU, gradients on, graphs already on, a compiled UNet, a processor
+    or hook that is not replayable, fewer than MIN_CALLS calls, enabled=False) the calls run as they would.
+    Yields whether graphs are on."""
     unet = getattr(backbone, "unet", None)
     if not enabled or unet is None or getattr(backbone, "unet_graphs", None) is not None \
+            or (calls is not None and calls < MIN_CALLS) \
             or torch.is_grad_enabled() or not torch.cuda.is_available() or weight_device(unet).type != "cuda" \
             or getattr(unet, "_compiled_call_impl", None) is not None or not replayable(unet):
         yield False

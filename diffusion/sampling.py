@@ -89,7 +89,7 @@ def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: 
     schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
     stop = num_steps if stop_step is None else stop_step
     x = latents
-    with graphed_sampling(backbone, cuda_graphs):
+    with graphed_sampling(backbone, cuda_graphs, calls=stop - start_step):
         for i in tqdm(range(start_step, stop), disable=not progress, desc="ddim", leave=False):
             t = schedule.timesteps[i].to(x.device)
             if hub is not None:
@@ -131,7 +131,7 @@ def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: Conditioning, n
     schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
     trajectory = [latents]
     x = latents
-    with graphed_sampling(backbone, cuda_graphs):
+    with graphed_sampling(backbone, cuda_graphs, calls=num_steps):
         for k in tqdm(range(num_steps), disable=not progress, desc="ddim inversion", leave=False):
             i = num_steps - 1 - k  # the sampling step this inversion step undoes
             t = schedule.timesteps[i].to(x.device)

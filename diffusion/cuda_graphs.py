@@ -113,7 +113,7 @@ class UNetGraphs:
         if not fixed_setup and any(p.requires_grad for p in unet.parameters()):
             raise RuntimeError("CUDA graphs replay a frozen UNet; this one has trained parameters")
         self.unet, self.max_graphs, self.fixed_setup = unet, max_graphs, fixed_setup
-        self.graphs: dict[tuple, Callable] = {}  # each with its own memory pool: no replay overwrites another's
+        self.graphs: dict[tuple, Callable | None] = {}  # each with its own memory pool; None: runs eager
 
     def _forward(self, sample, timestep, hidden_states, *added):
         kwargs = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
@@ -131,13 +131,14 @@ class UNetGraphs:
             args += [added_cond_kwargs["text_embeds"].to(dtype), added_cond_kwargs["time_ids"].to(dtype)]
         grad = torch.is_grad_enabled()
         key = (grad, tuple((tuple(a.shape), a.dtype, grad and a.requires_grad) for a in args))
-        graphed = self.graphs.get(key)
-        if graphed is None:
+        if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 log.warning("UNet graphs: %d signatures captured already; this call runs eager", self.max_graphs)
                 return self._forward(*args)
-            graphed = self._capture(args)
-            self.graphs[key] = graphed
+            self.graphs[key] = self._capture(args)
+        graphed = self.graphs[key]
+        if graphed is None:  # its capture failed: this signature runs eager
+            return self._forward(*args)
         with torch.autocast("cuda", enabled=False):
             out = graphed(*args)
         return out.clone()  # the graph's output buffer is overwritten by its next replay
@@ -148,14 +149,18 @@ class UNetGraphs:
         return all(type(p) in PLAIN_PROCESSORS for p in self.unet.attn_processors.values()) \
             and not any(p.requires_grad for p in self.unet.parameters())
 
-    def _capture(self, args: list[torch.Tensor]) -> Callable:
+    def _capture(self, args: list[torch.Tensor]) -> Callable | None:
         # static copies with the same autograd needs: the graph reads its inputs from them
         samples = tuple(a.detach().clone().requires_grad_(torch.is_grad_enabled() and a.requires_grad) for a in args)
         if torch.is_grad_enabled():
             with torch.autocast("cuda", enabled=False):
                 graphed = torch.cuda.make_graphed_callables(self._forward, samples, allow_unused_input=True)
         else:
-            graphed = self._capture_forward(samples)
+            try:
+                graphed = self._capture_forward(samples)
+            except RuntimeError as error:  # something in the call cannot be captured: the outputs stay right, eager
+                log.warning("UNet graph capture failed, this signature runs eager: %s", str(error).splitlines()[0])
+                return None
         log.log(logging.DEBUG if self.fixed_setup else logging.INFO, "UNet graph %d captured: %s",
                 len(self.graphs) + 1, ", ".join(f"{tuple(a.shape)}{'*' if a.requires_grad else ''}" for a in samples))
         return graphed

@@ -82,3 +82,30 @@ def test_sampling_graphs_capture_only_what_replays_the_same(tiny):
         handle.remove()
     with torch.no_grad(), graphed_sampling(tiny) as on:
         assert on is False and tiny.unet_graphs is None
+
+
+def test_a_capture_that_fails_leaves_its_signature_eager(tiny, monkeypatch, caplog):
+    """A UNet call that CUDA graphs cannot capture still gives the eager output, and later calls of that signature
+    do not try again (the capture itself needs a GPU: here it is made to fail)."""
+    import logging
+
+    import diffusion.cuda_graphs as cuda_graphs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_graphs, "weight_device", lambda module: torch.device("cuda"))
+    graphs = cuda_graphs.UNetGraphs(tiny.unet, fixed_setup=True)
+    attempts = []
+
+    def fail(samples):
+        attempts.append(samples)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(graphs, "_capture_forward", fail)
+    side = tiny.unet.config.sample_size
+    x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
+    t, hidden = torch.tensor([10, 500]), tiny.encode_prompt(["a cat", "a dog"]).hidden_states
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="diffusion.cuda_graphs"):
+        eager = tiny.unet(x, t, encoder_hidden_states=hidden).sample
+        outs = [graphs(x, t, hidden) for _ in range(2)]
+    assert all(torch.equal(out, eager) for out in outs) and len(attempts) == 1
+    assert "capture failed, this signature runs eager: operation not permitted" in caplog.text

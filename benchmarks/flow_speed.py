@@ -26,6 +26,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -50,24 +51,31 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else None
 
 
-def make_backbone(model: str, tokenizer_dir: Path):
-    """The model's FlowBackbone in bf16 on the GPU (fp32 on the CPU): random architectures built in memory."""
+def model_settings(model: str, overrides: Sequence[str] = ()):
+    """conf/model/<model>.yaml as train.py composes it with `overrides` (e.g. model.resolution=64)."""
+    from utils.config import entry_config
+
+    return entry_config("train", [f"model={model}", *overrides]).model
+
+
+def make_backbone(model: str, tokenizer_dir: Path, overrides: Sequence[str] = (), sizes: dict | None = None):
+    """The model's FlowBackbone in bf16 on the GPU (fp32 on the CPU): random architectures built in memory (with
+    `sizes`' component configs, diffusion.random_flow_models.architecture_configs, when given)."""
     from diffusion.backbone import load_backbone
     from diffusion.flow import flow_backbone_from_pipeline
     from diffusion.random_flow_models import random_flow_pipeline
-    from utils.config import model_config
 
-    cfg = model_config(model)
+    cfg = model_settings(model, overrides)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     if cfg.get("build") in RANDOM_ARCHS:
         arch = RANDOM_ARCHS[cfg.build]
-        pipe = random_flow_pipeline(arch, tokenizer_dir, dtype=dtype)
+        pipe = random_flow_pipeline(arch, tokenizer_dir, dtype=dtype, sizes=sizes)
         return flow_backbone_from_pipeline(arch, pipe, cfg.get("max_sequence_length"), cfg.name,
                                            resolution=cfg.resolution, training_guidance=cfg.get("training_guidance"))
     return load_backbone(**{k: v for k, v in cfg.items() if k != "dtype"}, dtype=dtype).to(DEVICE)
 
 
-def train(backbone, model: str, method: str, steps: int, run_dir: Path):
+def train(backbone, model: str, method: str, steps: int, run_dir: Path, overrides: Sequence[str] = ()):
     """Fit the method's module for `steps` steps on the shared backbone; its timing and the fitted module."""
     import lightning as L
     from hydra.utils import instantiate
@@ -75,7 +83,7 @@ def train(backbone, model: str, method: str, steps: int, run_dir: Path):
     from callbacks.throughput import StepTimer
     from utils.config import entry_config
 
-    cfg = entry_config("train", [*METHODS[method], f"model={model}", "seed=0"])
+    cfg = entry_config("train", [*METHODS[method], f"model={model}", "seed=0", *overrides])
     module = instantiate(cfg.module)
     module.backbone = backbone  # configure_model keeps a backbone it is given
     module.build(backbone)
@@ -133,15 +141,16 @@ def time_editing(backbone, sample_steps: int, guidance: float) -> dict:
     return {"edit_s": rounds[-1], "edit_peak_gib": peak_gib()}
 
 
-def measure(model: str, steps: int, sample_steps: int, repeats: int, out: Path, methods: list[str]) -> dict:
-    from utils.config import model_config
-
-    guidance = float(model_config(model).get("guidance_scale", 7.5))
+def measure(model: str, steps: int, sample_steps: int, repeats: int, out: Path, methods: list[str],
+            overrides: Sequence[str] = (), sizes: dict | None = None) -> dict:
+    """One model's row; `overrides` go to every composed config, `sizes` to a random architecture's components
+    (tests/test_random_flow_models.py runs the random path at toy sizes)."""
+    guidance = float(model_settings(model, overrides).get("guidance_scale", 7.5))
     row: dict = {"model": model, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
                  "steps": steps, "sample_steps": sample_steps, "guidance_scale": guidance}
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         start = time.perf_counter()
-        backbone = make_backbone(model, Path(tokenizer_dir))
+        backbone = make_backbone(model, Path(tokenizer_dir), overrides, sizes)
         row["build_s"] = time.perf_counter() - start
         row["backbone_gib"] = sum(p.numel() * p.element_size() for p in backbone.parameters()) / 2 ** 30
         print(json.dumps(row), flush=True)
@@ -149,7 +158,7 @@ def measure(model: str, steps: int, sample_steps: int, repeats: int, out: Path, 
         print(json.dumps(row), flush=True)
         modules = {}
         for method in methods:
-            modules[method], timing = train(backbone, model, method, steps, out / f"{model}_{method}")
+            modules[method], timing = train(backbone, model, method, steps, out / f"{model}_{method}", overrides)
             row.update({f"{method}_{k}": v for k, v in timing.items()})
             print(json.dumps(row), flush=True)
         row.update(time_sampling(backbone, modules, sample_steps, repeats, guidance))

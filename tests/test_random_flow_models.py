@@ -137,3 +137,20 @@ def test_builds_dispatch_to_the_random_flow_builder(build, arch, tmp_path, monke
     monkeypatch.setattr(builds, "build_random_flow_pipeline", lambda path, name: calls.append((path, name)))
     builds.ensure_built_pipeline(tmp_path / build, build)
     assert calls == [(tmp_path / build, arch)]
+
+
+def test_the_flow_benchmark_runs_its_random_models_end_to_end_at_toy_sizes(tmp_path):
+    """benchmarks/flow_speed.py on the in-memory random pipelines (where SD3's two CLIP encoders share one
+    tokenizer): editing, the three methods' training and the sampling variants each give a number."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import flow_speed
+
+    for model, arch in (("sd3_random", "sd3"), ("flux_random", "flux")):
+        row = flow_speed.measure(model, 2, 2, 1, tmp_path, list(flow_speed.METHODS),
+                                 overrides=[f"model.resolution={TOY_RESOLUTION}"], sizes=TOY_SIZES[arch])
+        timings = ["edit_s", *(f"{m}_median_step_s" for m in flow_speed.METHODS),
+                   *(f"sample_{v}_s" for v in ("plain", "prompt_slider", "concept_slider"))]
+        assert all(row[key] > 0 for key in timings), {key: row.get(key) for key in timings}

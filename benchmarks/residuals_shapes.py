@@ -146,6 +146,8 @@ def paired(out: Path, concepts: list[str], methods: list[str], baseline: str = "
 
     rows = []
     for concept in concepts:
+        if not folders(concept, baseline):
+            raise SystemExit(f"no evaluation of {baseline} for {concept} under {out}; run the evaluate phase first")
         base = {(text, seed): v for (text, seed, _), v in image_identities(folders(concept, baseline), concept).items()}
         for method in (m for m in methods if m != baseline):
             mine = image_identities(folders(concept, method), concept)

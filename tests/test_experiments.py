@@ -226,3 +226,5 @@ def test_paired_identity_compares_each_image_with_the_baselines_same_prompt_and_
     assert all(r["difference"] > 0.2 and r["wins"] == 1.0 for r in rows)
     assert residuals_shapes.eval_dir_name("kv", [5, 6, 7]) == "kv_eval_seeds5-7"
     assert json.loads((tmp_path / "paired.json").read_text()) == rows
+    with pytest.raises(SystemExit, match="no evaluation of textual_inversion for sun_medal"):
+        residuals_shapes.paired(tmp_path, ["sun_medal"], ["textual_inversion", "kv"])

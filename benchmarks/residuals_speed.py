@@ -5,7 +5,8 @@
 Trains method=residuals with the paper's settings (150 iterations, batch 4, trainer=gpu, bf16) on a
 shapes-world reference set resized to the model's resolution, and reports the wall time of the 150
 steps, the median step and the peak GPU memory (the run's timing.json); the paper's figure is about
-3 minutes on one A100, the target here 60 s. Then times one image (50 DDIM steps, guidance 6, the
+3 minutes on one A100, the target here 60 s. The UNet replays CUDA graphs with the residuals' gradients
+(`callbacks.fast_unet.mode=auto`, the default); `--eager-train` also trains with mode=null. Then times one image (50 DDIM steps, guidance 6, the
 paper's sampling) with the residual everywhere and with LAG, in turns, at each `--batches` size (images
 per call), each with the UNet's CUDA graphs (the default) and eager; the target is LAG within 5%. `--profile`
 adds one profiled (eager) UNet call of each.
@@ -120,12 +121,18 @@ def main() -> None:
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4],
                         help="images per sampling call, comma-separated")
     parser.add_argument("--profile", action="store_true", help="also profile one plain and one LAG UNet call")
+    parser.add_argument("--eager-train", action="store_true", help="also train with an eager UNet (fast_unet null)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "residuals_speed")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides")
     args = parser.parse_intermixed_args()
     run = args.out / f"residuals_{args.model}"
-    result = {"model": args.model, "train": train(args.model, run, args.trainer, args.overrides),
-              "sample": sample(args.model, run, args.repeats, args.batches, args.profile)}
+    result = {"model": args.model, "train": train(args.model, run, args.trainer, args.overrides)}
+    print("train", json.dumps(result["train"]), flush=True)
+    if args.eager_train:
+        result["train_eager"] = train(args.model, args.out / f"residuals_{args.model}_eager", args.trainer,
+                                      [*args.overrides, "callbacks.fast_unet.mode=null"])
+        print("train eager", json.dumps(result["train_eager"]), flush=True)
+    result["sample"] = sample(args.model, run, args.repeats, args.batches, args.profile)
     print(json.dumps(result, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(result, indent=2))

@@ -9,9 +9,11 @@ matrix products):
 - null-text inversion at its own N = 50 (Mokady et al.'s settings, up to 10 Adam steps per step, its DDIM
   inversion included), eager and with the UNet's CUDA graphs (the default), in fp32 and with bf16 UNet
   weights, each with the PSNR of its guided reconstruction of the image (`null_text_50`);
-- inversion of one image at T = 30: the DDIM trajectory with its 16x16 maps, then Algorithm 1
-  (`StyleDiffusionFitter.fit`, the paper's K_t and Adam), and null-text inversion of the same
-  trajectory at T = 30;
+- StyleDiffusion's Algorithm 1 at T = 30 (`StyleDiffusionFitter.fit`, the paper's K_t and Adam) in the same
+  four variants, each with the PSNR of its replay (`algorithm_1`; the DDIM trajectory with its 16x16 maps is
+  computed before, untimed); `--variants` picks some of them (fp32_eager,bf16_graphs: the reference and the
+  default on a GPU);
+- in fp32: the DDIM trajectory with its maps at T = 30 and null-text inversion of it at T = 30;
 - one editing pass [source replay, target] at T = 30 with the P2Plus controller: StyleDiffusion (value
   injection until tau_v T) against null-text + P2P and null-text + P2Plus (per-step unconditional
   embeddings), in turns, median over `--repeats` after one warm-up round. Seconds per step = pass / T.
@@ -51,32 +53,71 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def null_text_variants(backbone, image: torch.Tensor, z0: torch.Tensor, w: float, n: int = 50) -> dict:
+VARIANTS = ("fp32_eager", "fp32_graphs", "bf16_eager", "bf16_graphs")
+
+
+def variant_settings(variants: list[str]):
+    """(name, weight dtype, graphs) of each chosen variant, fp32 first (the backbone changes dtype once)."""
+    for name in VARIANTS:
+        if name in variants:
+            yield name, torch.float32 if name.startswith("fp32") else torch.bfloat16, name.endswith("graphs")
+
+
+def psnr_of(backbone, latents: torch.Tensor, image: torch.Tensor) -> float:
+    """PSNR (dB) of the decoded latents (in [0, 1]) against the image (in [-1, 1])."""
+    from metrics.image_quality import PSNR
+
+    with torch.no_grad():
+        pixels = backbone.decode_latents(latents.to(backbone.dtype)).float()
+    return PSNR().per_image(pixels.cpu(), image[None].cpu().float() / 2 + 0.5).item()
+
+
+def null_text_variants(backbone, image: torch.Tensor, z0: torch.Tensor, w: float, variants: list[str],
+                       n: int = 50) -> dict:
     """Null-text inversion at N = 50 (its DDIM inversion included), eager and graphed, with fp32 and bf16
     weights: seconds, Adam iterations and the PSNR (dB) of the guided reconstruction against the image."""
     from diffusion.inversion import null_text_inversion, reconstruct
     from diffusion.sampling import ddim_invert
-    from metrics.image_quality import PSNR
 
     rows = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for name, dtype, graphs in variant_settings(variants):
         backbone.to(dtype)  # frozen weights in bf16, as training keeps them; the null embedding stays fp32
         cond = backbone.encode_prompt([SOURCE])
-        for graphs in (False, True):
-            def run():
-                with torch.no_grad():
-                    trajectory = ddim_invert(backbone, z0, cond, n, cuda_graphs=graphs)
-                return trajectory, null_text_inversion(backbone, trajectory, cond, n, w, cuda_graphs=graphs)
 
-            (trajectory, schedule), seconds = timed(run)
+        def run():
             with torch.no_grad():
-                pixels = backbone.decode_latents(reconstruct(backbone, trajectory, cond, schedule, n, w).float())
-            name = f"{'fp32' if dtype == torch.float32 else 'bf16'}_{'graphs' if graphs else 'eager'}"
-            rows[name] = {"seconds": seconds, "iterations": sum(schedule.iterations),
-                          "psnr_db": PSNR().per_image(pixels.cpu(), image[None].cpu().float()).item()}
-            print(name, json.dumps(rows[name]), flush=True)
+                trajectory = ddim_invert(backbone, z0, cond, n, cuda_graphs=graphs)
+            return trajectory, null_text_inversion(backbone, trajectory, cond, n, w, cuda_graphs=graphs)
+
+        (trajectory, schedule), seconds = timed(run)
+        replay = reconstruct(backbone, trajectory, cond, schedule, n, w)
+        rows[name] = {"seconds": seconds, "iterations": sum(schedule.iterations),
+                      "psnr_db": psnr_of(backbone, replay, image)}
+        print("null-text", name, json.dumps(rows[name]), flush=True)
     backbone.to(torch.float32)
     return rows
+
+
+def algorithm_1_variants(backbone, hub, encoder, image: torch.Tensor, z0: torch.Tensor, n: int, w: float,
+                         variants: list[str]):
+    """StyleDiffusion's Algorithm 1 at T = n in each variant: seconds, Adam iterations and the PSNR of the replay
+    (sampling with M_t's values from z*_T); (rows, the last variant's inversion)."""
+    from diffusion.inversion import invert_latents
+    from diffusion.style_editing import reconstruct
+    from diffusion.style_inversion import FitSettings, StyleDiffusionFitter
+
+    rows, inversion = {}, None
+    for name, dtype, graphs in variant_settings(variants):
+        backbone.to(dtype)
+        trajectory = invert_latents(backbone, z0, SOURCE, n)
+        fitter = StyleDiffusionFitter.create(backbone, encoder, FitSettings.from_yaml(n, w), cuda_graphs=graphs)
+        generator = torch.Generator(backbone.device).manual_seed(0)
+        inversion, seconds = timed(lambda: fitter.fit(hub, image[None], SOURCE, trajectory, "scene_00", generator))
+        rows[name] = {"seconds": seconds, "iterations": sum(inversion.iterations),
+                      "psnr_db": psnr_of(backbone, reconstruct(backbone, hub, inversion), image)}
+        print("algorithm 1", name, json.dumps(rows[name]), flush=True)
+    backbone.to(torch.float32)
+    return rows, inversion
 
 
 def load(model: str, device: str):
@@ -93,8 +134,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="T of the inversions and the edits")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--encoder", default="base", help="random image encoder architecture (base = ViT-B/16)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)}, for the N = 50 null-text and Algorithm 1 rows")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "style_speed")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants {args.variants!r}: each must be one of {', '.join(VARIANTS)}")
 
     from datamodules.image_set import load_image
     from diffusion.attention import AttentionHub
@@ -102,7 +148,6 @@ def main() -> None:
     from diffusion.image_encoder import ensure_encoder
     from diffusion.inversion import invert_latents, null_text_inversion
     from diffusion.style_editing import edit
-    from diffusion.style_inversion import FitSettings, StyleDiffusionFitter
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -116,21 +161,19 @@ def main() -> None:
 
     result: dict = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "T": n, "guidance_scale": w, "repeats": args.repeats}
-    result["null_text_50"] = null_text_variants(backbone, image.to(device), z0, w)
+    result["null_text_50"] = null_text_variants(backbone, image.to(device), z0, w, variants)
 
     encoder = ensure_encoder(args.out / f"clip-vit-{args.encoder}", args.encoder).to(device)
-    fitter = StyleDiffusionFitter.create(backbone, encoder, FitSettings.from_yaml(n, w))
+    hub = AttentionHub(backbone.unet)  # StyleDiffusion's value input goes through the hub's processors
+    result["algorithm_1"], inversion = algorithm_1_variants(backbone, hub, encoder, image.to(device), z0, n, w,
+                                                            variants)
+    hub.restore()  # null-text inversion's UNet calls replay graphs only through diffusers' own processors
     trajectory, result["ddim_inversion_s"] = timed(lambda: invert_latents(backbone, z0, SOURCE, n))
     cond_src = backbone.encode_prompt([SOURCE])
     latents = [z[None].to(device) for z in trajectory.latents]
-    # before the hub: null-text inversion's UNet calls replay graphs only through diffusers' own processors
     schedule, result["null_text_s"] = timed(lambda: null_text_inversion(backbone, latents, cond_src, n, w))
     result["null_text_iterations"] = sum(schedule.iterations)
-    generator = torch.Generator(device).manual_seed(0)
-    hub = AttentionHub(backbone.unet)  # StyleDiffusion's value input goes through the hub's processors
-    inversion, result["style_diffusion_fit_s"] = timed(
-        lambda: fitter.fit(hub, image[None].to(device), SOURCE, trajectory, "scene_00", generator))
-    result["style_diffusion_iterations"] = sum(inversion.iterations)
+    hub = AttentionHub(backbone.unet)
 
     cond = backbone.encode_prompt([SOURCE, TARGET])
     p2p, p2plus = (load_edit_method(name).controllers(backbone, SOURCE, TARGET)[0]

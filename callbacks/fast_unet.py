@@ -8,12 +8,15 @@ keeps the GPU busy about a tenth of its wall time, docs/benchmarks.md).
 - `default`, `reduce-overhead`, `max-autotune`: torch.compile of the UNet in place, for static
   shapes; compiling an SDXL UNet's forward and backward takes several minutes.
 
-Both need a frozen UNet: not for a trained or LoRA-adapted one (an error says so). With CUDA graphs,
-calls through attention processors that record maps in Python run eager. Switched on in
-on_train_start (after the latent pools and caches made in on_fit_start) and off when training ends.
+CUDA graphs need a UNet that is frozen or trains LoRA adapters alone (personalized residuals: the graphs'
+backward gives the adapters' gradients); torch.compile a frozen UNet, not an adapted one. Otherwise an
+error says so. With CUDA graphs, calls through attention processors that record maps in Python run eager.
+Switched on in on_train_start (after the latent pools and caches made in on_fit_start) and off when
+training ends.
 
-`auto` (the default) is `cuda_graphs` wherever it applies (a GPU and a frozen UNet) and eager elsewhere
-(the CPU, a trained or LoRA-adapted UNet, flow backbones' transformers), without an error; `null` is eager.
+`auto` (the default) is `cuda_graphs` wherever it applies (a GPU, and a UNet frozen or training adapters
+alone) and eager elsewhere (the CPU, a UNet that trains its own weights, flow backbones' transformers),
+without an error; `null` is eager.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 import lightning as L
 import torch
 
-from diffusion.cuda_graphs import UNetGraphs, frozen_unet
+from diffusion.cuda_graphs import UNetGraphs, adapters_train_alone, frozen_unet
 from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,18 +45,23 @@ class FastUNet(L.Callback):
         self.active = None
         if self.mode is None:
             return
+        backbone = getattr(pl_module, "backbone", None)
+        graphs_apply = adapters_train_alone(backbone)
         if self.mode == "auto":
-            if pl_module.device.type == "cuda" and frozen_unet(getattr(pl_module, "backbone", None)) is not None:
+            if pl_module.device.type == "cuda" and graphs_apply:
                 self.enable(pl_module, "cuda_graphs")
             else:
                 log.info("fast UNet: eager (auto: %s)", "no GPU" if pl_module.device.type != "cuda"
-                         else "the UNet trains, is adapted, or is not a UNet")
+                         else "the UNet trains its own weights, or is not a UNet")
             return
         if pl_module.device.type != "cuda":
             raise ConfigError(f"callbacks.fast_unet.mode={self.mode} needs a GPU; use trainer=gpu or mode=null")
-        if frozen_unet(getattr(pl_module, "backbone", None)) is None:
+        if self.mode == "cuda_graphs" and not graphs_apply:
+            raise ConfigError("callbacks.fast_unet.mode=cuda_graphs: this method trains the UNet's own weights (or "
+                              "has no UNet); set callbacks.fast_unet.mode=null")
+        if self.mode != "cuda_graphs" and frozen_unet(backbone) is None:
             raise ConfigError(f"callbacks.fast_unet.mode={self.mode}: this method has no frozen backbone UNet (it "
-                              f"trains or adapts the UNet); set callbacks.fast_unet.mode=null")
+                              f"trains or adapts the UNet); set callbacks.fast_unet.mode=null or cuda_graphs")
         self.enable(pl_module, self.mode)
 
     def enable(self, pl_module, mode: str) -> None:

@@ -15,12 +15,18 @@ whose weights have started training, and calls with cross_attention_kwargs run e
 Sampling (`graphed_sampling`, one loop of no-grad calls) captures the UNet as it is set up for the loop:
 adapters at their scales, and processors and forward hooks that declare themselves `replayable` (tensor
 work that is the same on every call of the loop, such as LAG's masks). Nothing may change them inside.
+
+Both run on `GraphedCalls`, which graphs any function of tensors whose tensor work is the same on every call:
+StyleDiffusion's conditional branch through its attention hub (diffusion/style_inversion.py's `ValueBranch`)
+returns the maps its loss reads as outputs of the graph instead of Python records.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import torch
@@ -42,17 +48,22 @@ def frozen_unet(backbone) -> nn.Module | None:
     return unet
 
 
+def graphs_available(backbone) -> bool:
+    """Whether CUDA graphs can replay the backbone's UNet: frozen, not adapted, not compiled, on a CUDA device."""
+    unet = frozen_unet(backbone)
+    return unet is not None and torch.cuda.is_available() and weight_device(unet).type == "cuda" \
+        and getattr(unet, "_compiled_call_impl", None) is None
+
+
 @contextlib.contextmanager
 def graphed_unet(backbone, enabled: bool = True) -> Iterator[bool]:
     """Inside, `backbone.predict` replays CUDA graphs of the frozen UNet wherever it can (a CUDA device, a
     frozen UNet, no graphs on already); elsewhere, or with enabled=False, nothing changes. Yields whether
     graphs are on. The graphs' memory is freed on exit."""
-    unet = frozen_unet(backbone) if enabled else None
-    if unet is None or backbone.unet_graphs is not None or not torch.cuda.is_available() \
-            or weight_device(unet).type != "cuda":
+    if not enabled or not graphs_available(backbone) or backbone.unet_graphs is not None:
         yield getattr(backbone, "unet_graphs", None) is not None
         return
-    backbone.unet_graphs = UNetGraphs(unet)
+    backbone.unet_graphs = UNetGraphs(backbone.unet)
     try:
         yield True
     finally:
@@ -102,23 +113,166 @@ def graphed_sampling(backbone, enabled: bool = True, calls: int | None = None) -
         backbone.unet_graphs = None
 
 
+class GraphedCalls:
+    """`calls(*tensors)` -> fn(*tensors) (a tensor or a tuple of tensors), replayed from CUDA graphs.
+
+    One graph per input signature (shapes, dtypes, whether gradients are on and which inputs need them), captured
+    at its first call: with gradients on, the forward and the backward to the inputs that need them
+    (`torch.cuda.make_graphed_callables`); with them off, the forward alone. fn must do the same tensor work on
+    every call; its Python side effects happen only at capture. fn may be a module whose trainable parameters then
+    get their gradients from the backward graph; setup() (if given) names what else the work depends on, read in
+    Python at capture (adapter scales): a new setup captures a new graph. A no-grad capture that fails leaves its
+    signature eager. Replays return copies: the graphs' output buffers are overwritten by their next replay.
+
+    A gradient graph keeps the forward's activations in its own memory for its backward, so a second call of a
+    signature before the backward of the first runs eager (two losses of one step on equal batches).
+    """
+
+    def __init__(self, fn: Callable, max_graphs: int = 16, name: str = "graph", log_level: int = logging.INFO,
+                 setup: Callable[[], tuple] | None = None):
+        self.fn, self.max_graphs, self.name, self.log_level, self.setup = fn, max_graphs, name, log_level, setup
+        self.graphs: dict[tuple, Callable | None] = {}  # each with its own memory pool; None: runs eager
+        self.awaiting_backward: dict[tuple, object] = {}  # gradient graph -> the replay whose backward is pending
+
+    def __call__(self, *args: torch.Tensor):
+        grad = torch.is_grad_enabled()
+        key = (grad, tuple((tuple(a.shape), a.dtype, grad and a.requires_grad) for a in args),
+               None if self.setup is None else self.setup())
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                log.warning("%s: %d signatures captured already; this call runs eager", self.name, self.max_graphs)
+                return self._eager(*args)
+            self.graphs[key] = self._capture(args)
+        graphed = self.graphs[key]
+        if graphed is None or key in self.awaiting_backward:  # capture failed, or the last replay's backward is due
+            return self._eager(*args)
+        with torch.autocast("cuda", enabled=False):
+            out = graphed(*args)
+        outs = (out.clone(),) if torch.is_tensor(out) else tuple(o.clone() for o in out)
+        if grad:
+            self._await_backward(key, [o for o in outs if o.requires_grad])
+        return outs[0] if torch.is_tensor(out) else outs
+
+    def _await_backward(self, key: tuple, outputs: list[torch.Tensor]) -> None:
+        """Mark the graph busy until the backward reaches one of this replay's outputs, or all of them are freed."""
+        if not outputs:
+            return
+        replay, alive = object(), [len(outputs)]
+        self.awaiting_backward[key] = replay
+
+        def release() -> None:
+            if self.awaiting_backward.get(key) is replay:
+                del self.awaiting_backward[key]
+
+        def freed() -> None:
+            alive[0] -= 1
+            if not alive[0]:
+                release()
+
+        for out in outputs:
+            out.register_hook(lambda grad: release())
+            weakref.finalize(out, freed)
+
+    def _eager(self, *args: torch.Tensor):
+        with torch.autocast("cuda", enabled=False):
+            return self.fn(*args)
+
+    def _capture(self, args: tuple[torch.Tensor, ...]) -> Callable | None:
+        # static copies with the same autograd needs: the graph reads its inputs from them
+        samples = tuple(a.detach().clone().requires_grad_(torch.is_grad_enabled() and a.requires_grad) for a in args)
+        if torch.is_grad_enabled():
+            with torch.autocast("cuda", enabled=False):
+                graphed = torch.cuda.make_graphed_callables(self.fn, samples, allow_unused_input=True)
+        else:
+            try:
+                graphed = self._capture_forward(samples)
+            except RuntimeError as error:  # something in the call cannot be captured: the outputs stay right, eager
+                log.warning("%s capture failed, this signature runs eager: %s", self.name,
+                            str(error).splitlines()[0])
+                return None
+        log.log(self.log_level, "%s %d captured: %s", self.name, len(self.graphs) + 1,
+                ", ".join(f"{tuple(a.shape)}{'*' if a.requires_grad else ''}" for a in samples))
+        return graphed
+
+    def _capture_forward(self, samples: tuple[torch.Tensor, ...]) -> Callable:
+        """A no-grad call: one warm-up on a side stream (lazy set-up, controllers' caches), then the forward
+        alone is captured; replays copy their inputs into `samples` and return the graph's output tensors."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._eager(*samples)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._eager(*samples)
+
+        def replay(*inputs: torch.Tensor):
+            for static, value in zip(samples, inputs):
+                static.copy_(value)
+            graph.replay()
+            return out
+        return replay
+
+
+def adapters_train_alone(backbone) -> bool:
+    """Whether the backbone has a UNet whose parameters that train, if any, are all adapters' (LoRA): what
+    training graphs (`UNetGraphs`) replay, with the adapters' gradients."""
+    unet = getattr(backbone, "unet", None)
+    return unet is not None and all("lora_" in name for name, p in unet.named_parameters() if p.requires_grad)
+
+
+def adapter_setup(layers: list[nn.Module]) -> tuple:
+    """What adapter layers read in Python on each call: which adapters are on and at what scale."""
+    return tuple((m.disable_adapters, tuple(m.active_adapters), tuple(sorted(getattr(m, "scaling", {}).items())))
+                 for m in layers)
+
+
+class TrainedParameters(nn.Module):
+    """A function of tensors as a module whose parameters are the given trained ones: a graph of it
+    (`make_graphed_callables` reads a module's parameters as inputs) returns their gradients too."""
+
+    def __init__(self, fn: Callable, params: list[nn.Parameter]):
+        super().__init__()
+        self.trained = nn.ParameterList(params)
+        self.fn = fn
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.fn(*args)
+
+
 class UNetGraphs:
-    """`graphs(sample, timestep, encoder_hidden_states, added_cond_kwargs)` -> the UNet's output, replayed."""
+    """`graphs(sample, timestep, encoder_hidden_states, added_cond_kwargs)` -> the UNet's output, replayed.
+
+    During training (not fixed_setup) the UNet may train adapters (LoRA: personalized residuals): calls with
+    gradients on then replay graphs whose backward also gives the adapters' gradients, one per adapter set-up
+    (scales, on or off); the UNet's calls without gradients (a sample grid at other strengths) run eager.
+    """
 
     def __init__(self, unet: nn.Module, max_graphs: int = 16, fixed_setup: bool = False):
         """fixed_setup: for no-grad calls (one sampling loop) during which nothing changes the UNet's setup, so
         its processors, hooks and adapters are captured as they are (`graphed_sampling`)."""
         if not torch.cuda.is_available() or weight_device(unet).type != "cuda":
             raise RuntimeError("CUDA graphs need the UNet on a CUDA device")
-        if not fixed_setup and any(p.requires_grad for p in unet.parameters()):
-            raise RuntimeError("CUDA graphs replay a frozen UNet; this one has trained parameters")
-        self.unet, self.max_graphs, self.fixed_setup = unet, max_graphs, fixed_setup
-        self.graphs: dict[tuple, Callable | None] = {}  # each with its own memory pool; None: runs eager
+        trained = [p for p in unet.parameters() if p.requires_grad]
+        if not fixed_setup and not adapters_train_alone(SimpleNamespace(unet=unet)):
+            raise RuntimeError("CUDA graphs replay a UNet whose trained parameters, if any, are LoRA adapters'; "
+                               "this one trains its own weights")
+        self.unet, self.fixed_setup, self.trains = unet, fixed_setup, bool(trained) and not fixed_setup
+        self.trained_ids = [id(p) for p in trained]
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapters = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        setup = (lambda: adapter_setup(adapters)) if adapters and not fixed_setup else None
+        fn = TrainedParameters(self._forward, trained) if self.trains else self._forward
+        self.calls = GraphedCalls(fn, max_graphs, "UNet graph", logging.DEBUG if fixed_setup else logging.INFO, setup)
+
+    @property
+    def graphs(self) -> dict:
+        return self.calls.graphs
 
     def _forward(self, sample, timestep, hidden_states, *added):
         kwargs = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
-        with torch.autocast("cuda", enabled=False):
-            return self.unet(sample, timestep, encoder_hidden_states=hidden_states, **kwargs).sample
+        return self.unet(sample, timestep, encoder_hidden_states=hidden_states, **kwargs).sample
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None) -> torch.Tensor:
@@ -129,57 +283,12 @@ class UNetGraphs:
         args = [sample.to(dtype), timestep.expand(sample.shape[0]), encoder_hidden_states.to(dtype)]
         if added_cond_kwargs:
             args += [added_cond_kwargs["text_embeds"].to(dtype), added_cond_kwargs["time_ids"].to(dtype)]
-        grad = torch.is_grad_enabled()
-        key = (grad, tuple((tuple(a.shape), a.dtype, grad and a.requires_grad) for a in args))
-        if key not in self.graphs:
-            if len(self.graphs) >= self.max_graphs:
-                log.warning("UNet graphs: %d signatures captured already; this call runs eager", self.max_graphs)
-                return self._forward(*args)
-            self.graphs[key] = self._capture(args)
-        graphed = self.graphs[key]
-        if graphed is None:  # its capture failed: this signature runs eager
-            return self._forward(*args)
-        with torch.autocast("cuda", enabled=False):
-            out = graphed(*args)
-        return out.clone()  # the graph's output buffer is overwritten by its next replay
+        return self.calls(*args)
 
     def replays_this_call(self) -> bool:
         if self.fixed_setup:
             return not torch.is_grad_enabled()
+        if self.trains and not torch.is_grad_enabled():
+            return False
         return all(type(p) in PLAIN_PROCESSORS for p in self.unet.attn_processors.values()) \
-            and not any(p.requires_grad for p in self.unet.parameters())
-
-    def _capture(self, args: list[torch.Tensor]) -> Callable | None:
-        # static copies with the same autograd needs: the graph reads its inputs from them
-        samples = tuple(a.detach().clone().requires_grad_(torch.is_grad_enabled() and a.requires_grad) for a in args)
-        if torch.is_grad_enabled():
-            with torch.autocast("cuda", enabled=False):
-                graphed = torch.cuda.make_graphed_callables(self._forward, samples, allow_unused_input=True)
-        else:
-            try:
-                graphed = self._capture_forward(samples)
-            except RuntimeError as error:  # something in the call cannot be captured: the outputs stay right, eager
-                log.warning("UNet graph capture failed, this signature runs eager: %s", str(error).splitlines()[0])
-                return None
-        log.log(logging.DEBUG if self.fixed_setup else logging.INFO, "UNet graph %d captured: %s",
-                len(self.graphs) + 1, ", ".join(f"{tuple(a.shape)}{'*' if a.requires_grad else ''}" for a in samples))
-        return graphed
-
-    def _capture_forward(self, samples: tuple[torch.Tensor, ...]) -> Callable:
-        """A no-grad call: one warm-up on a side stream (lazy set-up, controllers' caches), then the forward
-        alone is captured; replays copy their inputs into `samples` and return the graph's output tensor."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward(*samples)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._forward(*samples)
-
-        def replay(*inputs: torch.Tensor) -> torch.Tensor:
-            for static, value in zip(samples, inputs):
-                static.copy_(value)
-            graph.replay()
-            return out
-        return replay
+            and [id(p) for p in self.unet.parameters() if p.requires_grad] == self.trained_ids  # what the graphs train

@@ -12,6 +12,12 @@ mapping network M_t per sampling step (diffusion/mapping.py) on the frozen CLIP 
      stopping early once the loss is below early_stop + i * early_stop_growth (the authors' code);
   3. z~_{t-1} <- the guided DDIM step with the trained M_i.
 
+Only the conditional branch reads M_i, and z~_t and t stay fixed through step i's iterations, so the
+unconditional prediction is computed once per step (no gradients) and each inner iteration runs the
+conditional branch alone at batch 1: the same loss and gradients as one guided call, half the UNet work.
+On a GPU with a frozen UNet that call, with its backward to the values, replays CUDA graphs
+(`ValueBranch`; cuda_graphs=False runs it eager): at batch 1 it is bound by kernel launches.
+
 The mapped embedding M_i(E(x)) is the VALUE input of every cross-attention layer of the conditional
 branch (the hub processor's `value_hidden_states`); keys keep c, and the unconditional branch reads
 the plain "" embedding for both keys and values.
@@ -49,10 +55,11 @@ from safetensors.torch import load_file
 
 from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone, Conditioning
+from diffusion.cuda_graphs import GraphedCalls, graphs_available
 from diffusion.image_encoder import ImageEncoder
 from diffusion.inversion import Trajectory, step_maps
 from diffusion.mapping import MappingNetworks, MappingSettings
-from diffusion.sampling import DDIMSchedule, guided_epsilon
+from diffusion.sampling import DDIMSchedule
 from utils.checks import check_whole, is_number
 from utils.errors import ArtifactError, ConfigError
 from utils.io import write_json, write_safetensors
@@ -186,13 +193,36 @@ def value_rows(uncond: Conditioning, cond_values: torch.Tensor, guided: bool) ->
     return torch.cat([u.to(cond_values.dtype), cond_values])
 
 
-def mapped_epsilon(backbone: Backbone, hub: AttentionHub, latents: torch.Tensor, t: torch.Tensor,
-                   cond: Conditioning, uncond: Conditioning, values: torch.Tensor,
-                   guidance_scale: float) -> torch.Tensor:
-    """Guided epsilon whose conditional branch reads `values` as the cross-attention value input."""
-    guided = guidance_scale != 1.0
-    kwargs = {"value_hidden_states": value_rows(uncond, values, guided)}
-    return guided_epsilon(backbone, latents, t, cond, uncond, guidance_scale, hub, kwargs)
+class ValueBranch:
+    """One branch of Algorithm 1's UNet call: (z~_t, t, conditioning, values) -> (epsilon, the r x r cross maps
+    averaged over the chosen blocks' layers [r, r, K]), the conditioning's hidden states as keys and `values` as
+    the cross-attention value input, through the hub. On a GPU with a frozen UNet (and cuda_graphs) each call, and
+    with gradients on its backward to the values, replays a CUDA graph captured at the first call of its signature.
+    """
+
+    def __init__(self, backbone: Backbone, hub: AttentionHub, blocks: Sequence[str], resolution: int,
+                 cuda_graphs: bool = True):
+        self.backbone, self.hub, self.resolution = backbone, hub, resolution
+        self.store = AttentionStore(cross=True, blocks=blocks, resolutions=[resolution], with_grad=True)
+        self.graphs = GraphedCalls(self._call, name="StyleDiffusion graph", log_level=logging.DEBUG) \
+            if cuda_graphs and graphs_available(backbone) else None
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              *added: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.store.reset()
+        with self.hub.using(self.store), self.hub.sampling_state(cfg=False):
+            out = self.backbone.predict(x, t, Conditioning(keys, *added), {"value_hidden_states": values})
+        maps = step_maps(self.store, self.resolution)[0, 0]
+        self.store.reset()
+        return self.backbone.to_epsilon(out, x, t), maps
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                 values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.backbone.dtype
+        args = [x.to(dtype), t.reshape(1).expand(x.shape[0]), cond.hidden_states.to(dtype), values.to(dtype)]
+        if cond.pooled is not None:
+            args += [cond.pooled.to(dtype), cond.time_ids.to(dtype)]
+        return (self._call if self.graphs is None else self.graphs)(*args)
 
 
 @dataclass
@@ -227,16 +257,18 @@ class StyleDiffusionFitter:
     training loop's); either way each image starts from fresh weights and fresh Adam moments.
     """
 
-    def __init__(self, backbone: Backbone, encoder: ImageEncoder, mappings: MappingNetworks, settings: FitSettings):
+    def __init__(self, backbone: Backbone, encoder: ImageEncoder, mappings: MappingNetworks, settings: FitSettings,
+                 cuda_graphs: bool = True):
         self.backbone, self.encoder, self.mappings, self.settings = backbone, encoder, mappings, settings
+        self.cuda_graphs = cuda_graphs  # replay the UNet calls from CUDA graphs where they can (`ValueBranch`)
         self._optimizer: torch.optim.Optimizer | None = None
 
     @classmethod
     def create(cls, backbone: Backbone, encoder: ImageEncoder, settings: FitSettings,
-               mapping: MappingSettings | dict | None = None) -> "StyleDiffusionFitter":
+               mapping: MappingSettings | dict | None = None, cuda_graphs: bool = True) -> "StyleDiffusionFitter":
         """A fitter with T mapping networks sized for the encoder's tokens and the UNet's width (`mapping`:
         MappingNetwork's film, negative_slope, init_std; None: MappingNetwork's Table 1 network), on the
-        backbone's device."""
+        backbone's device; cuda_graphs=False keeps its UNet calls eager on a GPU."""
         mapping = {} if mapping is None else MappingSettings.from_config(mapping).as_dict()
         width = backbone.unet.config.cross_attention_dim
         mappings = MappingNetworks(
@@ -245,7 +277,7 @@ class StyleDiffusionFitter:
         log.info("StyleDiffusion: %d mapping networks, E(x) %d x %d -> values 77 x %d%s", settings.num_steps,
                  encoder.num_tokens, encoder.hidden_size, width,
                  "" if width == encoder.hidden_size else " (with a width projection)")
-        return cls(backbone, encoder, mappings, settings)
+        return cls(backbone, encoder, mappings, settings, cuda_graphs)
 
     def new_optimizer(self) -> torch.optim.Adam:
         """One Adam, a parameter group per M_i (its lr is set when step i is trained)."""
@@ -282,8 +314,8 @@ class StyleDiffusionFitter:
         self.mappings.reset_parameters(generator)
         for p in self.mappings.parameters():
             torch_optimizer.state.pop(p, None)  # fresh Adam moments for a new image
-        store = AttentionStore(cross=True, blocks=s.map_blocks, resolutions=[resolution], cond_only=True,
-                               with_grad=True)
+        branch = ValueBranch(backbone, hub, s.map_blocks, resolution, self.cuda_graphs)
+        guided = s.guidance_scale != 1.0
         x = latents[n][None].to(backbone.dtype)
         iterations, losses = [], []
         for i in range(n):
@@ -294,14 +326,19 @@ class StyleDiffusionFitter:
             net = self.mappings[i]
             torch_optimizer.param_groups[i]["lr"] = s.step_lr(i)
             threshold, done, loss_value = s.step_threshold(i), 0, float("nan")
-            with torch.enable_grad():
+
+            def guided_eps(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                eps_c, cond_maps = branch(x, t, cond, values)
+                eps = eps_u + s.guidance_scale * (eps_c.float() - eps_u) if guided else eps_c.float()
+                return eps, cond_maps
+
+            with torch.no_grad(), hub.sampling_state(step=i, num_steps=n):
+                eps_u = branch(x, t, uncond, uncond.hidden_states)[0].float() if guided else None  # "" keys and values
+            with torch.enable_grad(), hub.sampling_state(step=i, num_steps=n):
                 for _ in range(s.inner_iterations(i)):
-                    store.reset()
-                    values = net(features, cond.hidden_states)
-                    with hub.using(store), hub.sampling_state(step=i, num_steps=n, cfg=False):
-                        eps = mapped_epsilon(backbone, hub, x, t, cond, uncond, values, s.guidance_scale)
+                    eps, cond_maps = guided_eps(net(features, cond.hidden_states))
                     rec = F.mse_loss(schedule.step(x, eps, a_from, a_to), target)  # eq. (5)
-                    att = F.mse_loss(step_maps(store, resolution)[0].float(), target_map[None].float())  # eq. (7)
+                    att = F.mse_loss(cond_maps.float(), target_map.float())  # eq. (7)
                     loss = rec + s.attention_weight * att  # eq. (8)
                     optimizer.zero_grad(set_to_none=True)
                     backward(loss)
@@ -309,13 +346,10 @@ class StyleDiffusionFitter:
                     loss_value, done = loss.item(), done + 1
                     if loss_value < threshold:
                         break
-            store.reset()
             iterations.append(done)
             losses.append(loss_value)
-            with torch.no_grad(), hub.sampling_state(step=i, num_steps=n, cfg=False):
-                eps = mapped_epsilon(backbone, hub, x, t, cond, uncond, net(features, cond.hidden_states),
-                                     s.guidance_scale)
-                x = schedule.step(x, eps, a_from, a_to).to(backbone.dtype)
+            with torch.no_grad(), hub.sampling_state(step=i, num_steps=n):
+                x = schedule.step(x, guided_eps(net(features, cond.hidden_states))[0], a_from, a_to).to(backbone.dtype)
         optimizer.zero_grad(set_to_none=True)
         return StyleInversion(prompt, features.detach().cpu(), latents[n][None].cpu(), self.mappings,
                               s.guidance_scale, name, iterations, losses)

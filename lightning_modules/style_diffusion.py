@@ -50,7 +50,7 @@ class StyleDiffusionModule(DiffusionModule):
 
     def __init__(self, backbone: dict, image_encoder: dict, num_steps: int, guidance_scale: float, mapping: dict,
                  inner: dict, adam: dict, early_stop: float, early_stop_growth: float, attention_weight: float,
-                 editing: dict, out_dir: str | None = None, seed: int = 0):
+                 editing: dict, out_dir: str | None = None, seed: int = 0, cuda_graphs: bool = True):
         super().__init__(backbone, optimizer=None, lr_scheduler=None, seed=seed)
         self.automatic_optimization = False
         self.encoder_settings = ImageEncoderSettings.from_config(image_encoder)
@@ -61,12 +61,13 @@ class StyleDiffusionModule(DiffusionModule):
         self.mapping = MappingSettings.from_config(mapping)
         self.editing = StyleEditingSettings.from_config(editing)
         self.out_dir = Path(out_dir) if out_dir else None
+        self.cuda_graphs = cuda_graphs
         self.save_hyperparameters({"backbone": self.backbone_config, "image_encoder": self.encoder_settings.as_dict(),
                                    "num_steps": num_steps, "guidance_scale": guidance_scale,
                                    "mapping": self.mapping.as_dict(), "inner": self.inner, "adam": self.adam,
                                    "early_stop": early_stop, "early_stop_growth": early_stop_growth,
                                    "attention_weight": attention_weight, "editing": self.editing.as_dict(),
-                                   "seed": seed}, logger=False)
+                                   "seed": seed, "cuda_graphs": cuda_graphs}, logger=False)
         self.fitter: StyleDiffusionFitter | None = None
         self.encoder: ImageEncoder | None = None
         self.mappings: MappingNetworks | None = None
@@ -77,7 +78,7 @@ class StyleDiffusionModule(DiffusionModule):
     # ----- model ----------------------------------------------------------------------------------
     def build(self, backbone: Backbone) -> None:
         encoder = self.encoder_settings.load().to(backbone.device)
-        self.fitter = StyleDiffusionFitter.create(backbone, encoder, self.settings, self.mapping)
+        self.fitter = StyleDiffusionFitter.create(backbone, encoder, self.settings, self.mapping, self.cuda_graphs)
         self.encoder, self.mappings = self.fitter.encoder, self.fitter.mappings  # submodules: moved and checkpointed
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

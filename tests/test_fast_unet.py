@@ -26,18 +26,30 @@ def test_needs_a_gpu(tiny):
     assert auto.mode == "auto" and auto.active is None and tiny.unet_graphs is None
 
 
-def test_refuses_a_trained_or_adapted_unet(tiny):
+def test_graphs_take_a_unet_that_trains_adapters_alone_and_compile_a_frozen_one(tiny, monkeypatch):
+    """CUDA graphs apply to a frozen UNet and one whose trained parameters are LoRA adapters' (their gradients come
+    from the graphs' backward); torch.compile only to a frozen one; a UNet that trains its own weights stays eager
+    under auto and is an error for an explicit mode."""
     from diffusion.lora import add_lora
 
+    enabled = []
+    monkeypatch.setattr(FastUNet, "enable", lambda self, module, mode: enabled.append(mode))
     module = SimpleNamespace(device=torch.device("cuda"), backbone=tiny)
     add_lora(tiny.unet, 4, 1.0, "noxattn", adapter_name="slider")
+    FastUNet("auto").on_train_start(None, module)
+    FastUNet("cuda_graphs").on_train_start(None, module)
+    assert enabled == ["cuda_graphs", "cuda_graphs"]
     with pytest.raises(ConfigError, match="trains or adapts the UNet"):
-        FastUNet("cuda_graphs").on_train_start(None, module)
+        FastUNet("default").on_train_start(None, module)
+    tiny.unet.conv_in.weight.requires_grad_(True)  # the UNet's own weights train (a full fine-tune)
     auto = FastUNet("auto")
-    auto.on_train_start(None, module)  # a LoRA-adapted UNet: eager, no error
-    assert auto.active is None and tiny.unet_graphs is None
+    auto.on_train_start(None, module)
+    assert auto.active is None and len(enabled) == 2
+    with pytest.raises(ConfigError, match="trains the UNet's own weights"):
+        FastUNet("cuda_graphs").on_train_start(None, module)
+    tiny.unet.conv_in.weight.requires_grad_(False)
     auto.on_train_start(None, SimpleNamespace(device=torch.device("cuda"), backbone=None))  # no UNet (flow backbones)
-    assert auto.active is None
+    assert auto.active is None and len(enabled) == 2
     with pytest.raises(ConfigError, match="no frozen backbone"):
         FastUNet("default").on_train_start(None, SimpleNamespace(device=torch.device("cuda"), backbone=None))
 
@@ -100,7 +112,7 @@ def test_a_capture_that_fails_leaves_its_signature_eager(tiny, monkeypatch, capl
         attempts.append(samples)
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
-    monkeypatch.setattr(graphs, "_capture_forward", fail)
+    monkeypatch.setattr(graphs.calls, "_capture_forward", fail)
     side = tiny.unet.config.sample_size
     x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
     t, hidden = torch.tensor([10, 500]), tiny.encode_prompt(["a cat", "a dog"]).hidden_states
@@ -109,3 +121,44 @@ def test_a_capture_that_fails_leaves_its_signature_eager(tiny, monkeypatch, capl
         outs = [graphs(x, t, hidden) for _ in range(2)]
     assert all(torch.equal(out, eager) for out in outs) and len(attempts) == 1
     assert "capture failed, this signature runs eager: operation not permitted" in caplog.text
+
+
+def test_graphed_calls_replay_once_per_backward_and_capture_each_setup(monkeypatch):
+    """A gradient graph holds one replay's activations: a second call of its signature before that replay's
+    backward runs eager, and the graph replays again once the backward reached its output or the output was
+    freed. A new setup() value captures its own graph. (The replays are stood in for: capturing needs a GPU.)"""
+    import gc
+
+    from diffusion.cuda_graphs import GraphedCalls
+
+    weight = torch.tensor(3.0, requires_grad=True)
+    setup = ["scale 1"]
+    replays, captures = [], []
+
+    def capture(args):
+        captures.append(setup[0])
+
+        def replay(x):
+            replays.append(len(captures))
+            return x * weight
+        return replay
+
+    calls = GraphedCalls(lambda x: x * weight, setup=lambda: tuple(setup))
+    monkeypatch.setattr(calls, "_capture", capture)
+    x = torch.ones(2, requires_grad=True)
+    first = calls(x)
+    second = calls(x)  # the first replay's backward is still due: eager
+    assert len(replays) == 1 and torch.equal(second, first)
+    (first.sum() + second.sum()).backward()
+    assert torch.equal(x.grad, torch.full((2,), 6.0))
+    third = calls(x)  # the backward reached the first: the graph replays
+    assert len(replays) == 2
+    del third
+    gc.collect()
+    calls(x)  # the third's output was freed without a backward: free again
+    assert len(replays) == 3
+    setup[0] = "scale 0.5"
+    calls(x)  # the same inputs under another setup: a graph of its own
+    with torch.no_grad():
+        calls(x)  # without gradients: another signature
+    assert captures == ["scale 1", "scale 0.5", "scale 0.5"] and len(calls.graphs) == 3

@@ -97,6 +97,57 @@ def test_unet_graphs_replay_the_eager_unet_and_its_input_gradients(model, reques
     assert len(backbone.unet_graphs.graphs) == 2  # with and without gradients
 
 
+def test_unet_graphs_train_lora_residuals_as_eager_does(tiny, caplog):
+    """Training graphs of a UNet whose LoRA residuals train: over Adam steps the outputs and the residuals'
+    gradients match eager; another residual scale captures its own graph; calls without gradients run eager."""
+    import logging
+
+    from diffusion.cuda_graphs import UNetGraphs
+    from diffusion.lora import set_lora_scale
+    from diffusion.residuals import ADAPTER, add_residuals
+
+    tiny.to("cuda")
+    params, _ = add_residuals(tiny.unet)
+    cond = tiny.encode_prompt(["a red cat", "a dog"])
+    size = tiny.unet.config.sample_size
+    g = torch.Generator("cuda").manual_seed(0)
+    batches = [(torch.randn(2, 4, size, size, generator=g, device="cuda"), torch.tensor([10, 700], device="cuda"))
+               for _ in range(3)]
+    start = [p.detach().clone() for p in params]
+
+    def train(graphs: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        with torch.no_grad():
+            for p, value in zip(params, start):
+                p.copy_(value)
+        optimizer = torch.optim.Adam(params, lr=1e-2)
+        tiny.unet_graphs = UNetGraphs(tiny.unet) if graphs else None
+        outs = []
+        for x, t in batches:
+            out = tiny.predict(x, t, cond)
+            optimizer.zero_grad(set_to_none=True)
+            (out.float() ** 2).mean().backward()
+            optimizer.step()
+            outs.append(out.detach())
+        return outs, [p.detach().clone() for p in params]
+
+    eager_outs, eager_params = train(False)
+    caplog.set_level(logging.INFO, logger="diffusion.cuda_graphs")
+    graphed_outs, graphed_params = train(True)
+    assert caplog.text.count("captured:") == 1
+    for a, b in zip(graphed_outs, eager_outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(graphed_params, eager_params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    x, t = batches[0]
+    with torch.no_grad():
+        tiny.predict(x, t, cond)
+    set_lora_scale(tiny.unet, 0.5, ADAPTER)
+    graphed = tiny.predict(x, t, cond)
+    tiny.unet_graphs = None
+    torch.testing.assert_close(graphed, tiny.predict(x, t, cond), rtol=1e-4, atol=1e-5)
+    assert caplog.text.count("captured:") == 2  # the no-grad call ran eager; scale 0.5 has its own graph
+
+
 def test_unet_graphs_leave_recording_attention_eager(tiny):
     from diffusion.attention import AttentionHub
     from diffusion.cuda_graphs import UNetGraphs
@@ -222,6 +273,40 @@ def test_style_diffusion_fits_replays_and_edits_on_gpu(tiny_dir, tmp_path):
     replay = reconstruct(backbone, module.attention_hub(), inversion)
     edited = edit(backbone, module.attention_hub(), inversion, ["a red dog"])
     assert replay.is_cuda and edited.is_cuda and edited.shape == (2, 4, 32, 32)
+
+
+def test_style_diffusion_replays_graphs_and_fits_what_eager_fits(tiny_dir, tmp_path, caplog):
+    """Algorithm 1's UNet calls replay two graphs (the conditional branch with its backward to the values, and the
+    no-grad calls) and train the mapping networks as the eager calls do."""
+    import logging
+
+    from diffusion.image_encoder import build_random_encoder
+    from diffusion.inversion import invert_latents
+    from lightning_modules.style_diffusion import StyleDiffusionModule
+    from tests.helpers import style_diffusion_settings
+
+    encoder = build_random_encoder(tmp_path / "clip-tiny", size="tiny")
+    settings = style_diffusion_settings(inner={"K": 4, "schedule": "paper"}, adam={"preset": "code"},
+                                        early_stop=0.0, early_stop_growth=0.0)
+    z0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)).to("cuda")
+    pixels = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1).to("cuda")
+    fits = {}
+    for graphs in (False, True):
+        module = StyleDiffusionModule({"path": str(tiny_dir)}, {"path": str(encoder), "build": None}, num_steps=3,
+                                      cuda_graphs=graphs, **settings)
+        module.configure_model()
+        module.to("cuda")
+        trajectory = invert_latents(module.backbone, z0, "a red cat", 3)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="diffusion.cuda_graphs"):
+            inversion = module.fit_image(pixels, "a red cat", trajectory,
+                                         generator=torch.Generator("cuda").manual_seed(0))
+        assert caplog.text.count("StyleDiffusion graph") == 2 * graphs
+        fits[graphs] = inversion
+    assert fits[True].iterations == fits[False].iterations == [4, 2, 1]
+    for a, b in zip(fits[True].mappings.parameters(), fits[False].mappings.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(fits[True].losses), torch.tensor(fits[False].losses), rtol=1e-2, atol=1e-5)
 
 
 def test_token_pixel_loss_runs_under_cuda_autocast():

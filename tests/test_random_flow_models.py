@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from diffusion.builds import BUILDS
 from diffusion.random_flow_models import architecture_configs, build_random_flow_pipeline, random_flow_components
@@ -150,7 +151,9 @@ def test_the_flow_benchmark_runs_its_random_models_end_to_end_at_toy_sizes(tmp_p
 
     for model, arch in (("sd3_random", "sd3"), ("flux_random", "flux")):
         row = flow_speed.measure(model, 2, 2, 1, tmp_path, list(flow_speed.METHODS),
-                                 overrides=[f"model.resolution={TOY_RESOLUTION}"], sizes=TOY_SIZES[arch])
+                                 overrides=[f"model.resolution={2 * TOY_RESOLUTION}"], sizes=TOY_SIZES[arch])
         timings = ["edit_s", *(f"{m}_median_step_s" for m in flow_speed.METHODS),
                    *(f"sample_{v}_s" for v in ("plain", "prompt_slider", "concept_slider"))]
         assert all(row[key] > 0 for key in timings), {key: row.get(key) for key in timings}
+        rendered = tmp_path / f"{model}_textual_inversion" / "references" / "sun_medal" / "images" / "00.png"
+        assert Image.open(rendered).size == (2 * TOY_RESOLUTION, 2 * TOY_RESOLUTION)  # above the shipped 64 px

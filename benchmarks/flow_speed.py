@@ -107,6 +107,7 @@ def train(backbone, model: str, method: str, steps: int, run_dir: Path, override
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - start
+    module.to(DEVICE)  # Lightning's teardown moved it to the CPU; its token hooks stay on the shared backbone
     summary = timer.summary(module)
     return module, {"median_step_s": summary.get("median_step_s"), "fit_s": wall, "peak_gib": peak_gib()}
 

@@ -113,14 +113,27 @@ def graphed_sampling(backbone, enabled: bool = True, calls: int | None = None) -
         backbone.unet_graphs = None
 
 
+class TrainedParameters(nn.Module):
+    """A function of tensors as a module whose parameters are the given trained ones: a graph of it
+    (`make_graphed_callables` reads a module's parameters as inputs) returns their gradients too."""
+
+    def __init__(self, fn: Callable, params: list[nn.Parameter]):
+        super().__init__()
+        self.trained = nn.ParameterList(params)
+        self.fn = fn
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.fn(*args)
+
+
 class GraphedCalls:
     """`calls(*tensors)` -> fn(*tensors) (a tensor or a tuple of tensors), replayed from CUDA graphs.
 
     One graph per input signature (shapes, dtypes, whether gradients are on and which inputs need them), captured
     at its first call: with gradients on, the forward and the backward to the inputs that need them
     (`torch.cuda.make_graphed_callables`); with them off, the forward alone. fn must do the same tensor work on
-    every call; its Python side effects happen only at capture. fn may be a module whose trainable parameters then
-    get their gradients from the backward graph; setup() (if given) names what else the work depends on, read in
+    every call; its Python side effects happen only at capture. `parameters`: trained parameters fn reads, whose
+    gradients the backward graphs then give too; setup() (if given) names what else the work depends on, read in
     Python at capture (adapter scales): a new setup captures a new graph. A no-grad capture that fails leaves its
     signature eager. Replays return copies: the graphs' output buffers are overwritten by their next replay.
 
@@ -129,8 +142,9 @@ class GraphedCalls:
     """
 
     def __init__(self, fn: Callable, max_graphs: int = 16, name: str = "graph", log_level: int = logging.INFO,
-                 setup: Callable[[], tuple] | None = None):
+                 setup: Callable[[], tuple] | None = None, parameters: list[nn.Parameter] | None = None):
         self.fn, self.max_graphs, self.name, self.log_level, self.setup = fn, max_graphs, name, log_level, setup
+        self.parameters = list(parameters or [])
         self.graphs: dict[tuple, Callable | None] = {}  # each with its own memory pool; None: runs eager
         self.awaiting_backward: dict[tuple, object] = {}  # gradient graph -> the replay whose backward is pending
 
@@ -181,8 +195,10 @@ class GraphedCalls:
         # static copies with the same autograd needs: the graph reads its inputs from them
         samples = tuple(a.detach().clone().requires_grad_(torch.is_grad_enabled() and a.requires_grad) for a in args)
         if torch.is_grad_enabled():
+            # a fresh module per capture: make_graphed_callables replaces a module's forward with its replay
+            fn = TrainedParameters(self.fn, self.parameters) if self.parameters else self.fn
             with torch.autocast("cuda", enabled=False):
-                graphed = torch.cuda.make_graphed_callables(self.fn, samples, allow_unused_input=True)
+                graphed = torch.cuda.make_graphed_callables(fn, samples, allow_unused_input=True)
         else:
             try:
                 graphed = self._capture_forward(samples)
@@ -227,19 +243,6 @@ def adapter_setup(layers: list[nn.Module]) -> tuple:
                  for m in layers)
 
 
-class TrainedParameters(nn.Module):
-    """A function of tensors as a module whose parameters are the given trained ones: a graph of it
-    (`make_graphed_callables` reads a module's parameters as inputs) returns their gradients too."""
-
-    def __init__(self, fn: Callable, params: list[nn.Parameter]):
-        super().__init__()
-        self.trained = nn.ParameterList(params)
-        self.fn = fn
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.fn(*args)
-
-
 class UNetGraphs:
     """`graphs(sample, timestep, encoder_hidden_states, added_cond_kwargs)` -> the UNet's output, replayed.
 
@@ -263,8 +266,8 @@ class UNetGraphs:
 
         adapters = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         setup = (lambda: adapter_setup(adapters)) if adapters and not fixed_setup else None
-        fn = TrainedParameters(self._forward, trained) if self.trains else self._forward
-        self.calls = GraphedCalls(fn, max_graphs, "UNet graph", logging.DEBUG if fixed_setup else logging.INFO, setup)
+        self.calls = GraphedCalls(self._forward, max_graphs, "UNet graph",
+                                  logging.DEBUG if fixed_setup else logging.INFO, setup, trained if self.trains else None)
 
     @property
     def graphs(self) -> dict:

@@ -162,3 +162,34 @@ def test_graphed_calls_replay_once_per_backward_and_capture_each_setup(monkeypat
     with torch.no_grad():
         calls(x)  # without gradients: another signature
     assert captures == ["scale 1", "scale 0.5", "scale 0.5"] and len(calls.graphs) == 3
+
+
+def test_each_gradient_capture_wraps_the_trained_parameters_in_a_fresh_module(monkeypatch):
+    """make_graphed_callables reads a module's parameters as graph inputs (their gradients come from the backward
+    graph) and replaces the module's forward with its replay, so every capture gets a module of its own. (Stood in
+    for: capturing needs a GPU.)"""
+    from torch import nn
+
+    from diffusion.cuda_graphs import GraphedCalls
+
+    modules = []
+
+    def make_graphed_callables(module, samples, allow_unused_input):
+        modules.append(module)
+        original = module.forward
+
+        def replay_only(*args):
+            if len(modules) > 1 and module is not modules[-1]:
+                raise RuntimeError("an earlier capture's replay inside this capture")
+            return original(*args)
+        module.forward = replay_only  # as make_graphed_callables does
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
+    weight = nn.Parameter(torch.tensor(2.0))
+    calls = GraphedCalls(lambda x: x * weight, parameters=[weight])
+    for size in (2, 3):  # two signatures: two captures
+        calls(torch.ones(size, requires_grad=True)).sum().backward()
+    assert len(modules) == 2 and modules[0] is not modules[1]
+    assert all([p is weight for p in m.parameters()] == [True] for m in modules)
+    assert weight.grad == 5.0  # 2 + 3 ones

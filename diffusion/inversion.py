@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone, Conditioning
 from diffusion.cuda_graphs import graphed_unet
-from diffusion.sampling import CondSchedule, DDIMSchedule, ddim_invert, ddim_sample, guided_epsilon
+from diffusion.sampling import CondSchedule, DDIMSchedule, ddim_invert, ddim_sample
 
 
 @dataclass
@@ -141,9 +141,9 @@ def null_text_inversion(backbone: Backbone, trajectory: list[torch.Tensor], cond
             result.embeddings.append(step_uncond)
             result.iterations.append(done)
             result.losses.append(loss)
-            with torch.no_grad():
-                eps = guided_epsilon(backbone, x, t, cond, step_uncond, guidance_scale)
-                x = schedule.step(x, eps, a_from, a_to).to(trajectory[-1].dtype)
+            with torch.no_grad():  # the guided step with the optimised embedding; eps_c is this step's already
+                eps_u = backbone.to_epsilon(backbone.predict(x, t, step_uncond), x, t.expand(x.shape[0])).float()
+                x = schedule.step(x, eps_u + guidance_scale * (eps_c - eps_u), a_from, a_to).to(trajectory[-1].dtype)
     return result
 
 

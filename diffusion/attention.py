@@ -8,7 +8,8 @@ Layers that no active controller wants run PyTorch's fused scaled-dot-product at
 diffusers' AttnProcessor2_0 does; so do layers whose controllers only read (`edits = False`), which
 then also compute the probabilities for those controllers. A `KeySumReader` (LAG's `TokenMask`) needs
 only weighted sums of a layer's probabilities over the keys: where every controller of a layer is one,
-the sums come from a second fused call with the weights as values and no probabilities are formed.
+the sums come from a second fused call with the weights as values, on the conditional rows alone, and no
+probabilities are formed.
 
 Batch layout during classifier-free guidance (the sampler sets `state.cfg`): [uncond; cond], and
 within each half sample 0 is the source prompt and the others are edited prompts (prompt-to-prompt).
@@ -162,9 +163,12 @@ class ControlledAttnProcessor:
             for controller in controllers:
                 probs = controller(probs, call)
         else:
+            rows = slice(batch // 2, None) if self.hub.state.cfg else slice(None)  # readers read the conditional half
+            q, k = query[rows], key[rows]
+            mask = None if attention_mask is None else attention_mask[rows]
             for reader in controllers:  # sum_k p_qk w_k is attention with the weights w as the values
-                columns = reader.value_columns(query.shape[0], attn.heads, key.shape[2], query.dtype, query.device)
-                reader.read(F.scaled_dot_product_attention(query, key, columns, attn_mask=attention_mask), call)
+                columns = reader.value_columns(q.shape[0], attn.heads, k.shape[2], q.dtype, q.device)
+                reader.read(F.scaled_dot_product_attention(q, k, columns, attn_mask=mask), call)
         if probs is not None and any(c.edits for c in controllers):
             out = probs @ value
         else:
@@ -624,12 +628,13 @@ class KeySumReader(AttentionController):
         raise NotImplementedError
 
     def read(self, sums: torch.Tensor, call: AttentionCall) -> None:
-        """sums: [batch, heads, queries, n + padding], the weighted sums of the call's rows."""
+        """sums: [rows, heads, queries, n + padding], the weighted sums of the call's conditional rows (all rows
+        when the call is not classifier-free guided)."""
         raise NotImplementedError
 
     def value_columns(self, batch: int, heads: int, keys: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """[batch, heads, keys, n padded]: the weights as a value tensor for every row of the call (under CFG the
-        unconditional half repeats the conditional rows; readers use the half they need). Built once per shape."""
+        """[batch, heads, keys, n padded]: the weights as a value tensor for `batch` conditional rows. Built once
+        per shape."""
         key = (batch, heads, keys, dtype, str(device))
         if key not in self._columns:
             weights = self.key_weights(keys).to(device, torch.float32)
@@ -641,8 +646,8 @@ class KeySumReader(AttentionController):
         return self._columns[key]
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        columns = self.value_columns(probs.shape[0], 1, probs.shape[-1], probs.dtype, probs.device)
-        self.read(probs @ columns, call)
+        cond = cond_half(probs, call.state)
+        self.read(cond @ self.value_columns(cond.shape[0], 1, probs.shape[-1], probs.dtype, probs.device), call)
         return probs
 
 
@@ -680,7 +685,7 @@ class TokenMask(KeySumReader):
         return torch.zeros(rows.shape[0], keys).scatter_(1, rows, 1.0)[..., None]
 
     def read(self, sums: torch.Tensor, call: AttentionCall) -> None:
-        score = cond_half(sums[..., 0], call.state).mean(dim=1)  # [b, Q]
+        score = sums[..., 0].mean(dim=1)  # [b, Q] of the conditional rows
         mask = (score > score.median(dim=-1, keepdim=True).values).to(sums.dtype)
         if call.state.cfg:
             mask = torch.cat([mask, mask])

@@ -6,10 +6,10 @@ Trains method=residuals with the paper's settings (150 iterations, batch 4, trai
 shapes-world reference set resized to the model's resolution, and reports the wall time of the 150
 steps, the median step and the peak GPU memory (the run's timing.json); the paper's figure is about
 3 minutes on one A100, the target here 60 s. The UNet replays CUDA graphs with the residuals' gradients
-(`callbacks.fast_unet.mode=auto`, the default); `--eager-train` also trains with mode=null. Then times one image (50 DDIM steps, guidance 6, the
-paper's sampling) with the residual everywhere and with LAG, in turns, at each `--batches` size (images
-per call), each with the UNet's CUDA graphs (the default) and eager; the target is LAG within 5%. `--profile`
-adds one profiled (eager) UNet call of each.
+(`callbacks.fast_unet.mode=auto`, the default); `--eager-train` also trains with mode=null. Then times one
+image (50 DDIM steps, guidance 6, the paper's sampling) with the residual everywhere and with LAG, in turns,
+at each `--batches` size (images per call), each with the UNet's CUDA graphs (the default) and eager; the
+target is LAG within 5%. `--profile` adds one profiled (eager) UNet call of each.
 """
 
 from __future__ import annotations

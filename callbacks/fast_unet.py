@@ -46,7 +46,7 @@ class FastUNet(L.Callback):
         if self.mode is None:
             return
         backbone = getattr(pl_module, "backbone", None)
-        graphs_apply = adapters_train_alone(backbone)
+        graphs_apply = adapters_train_alone(getattr(backbone, "unet", None))
         if self.mode == "auto":
             if pl_module.device.type == "cuda" and graphs_apply:
                 self.enable(pl_module, "cuda_graphs")

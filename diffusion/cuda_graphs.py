@@ -1,4 +1,4 @@
-"""CUDA graphs of the frozen UNet: each input signature's kernels are captured once, then replayed.
+"""CUDA graphs of the UNet: each input signature's kernels are captured once, then replayed.
 
 At batch 1 a UNet call is bound by the CPU launching its kernels (about 2,000 for an SDXL forward),
 not by the GPU running them: an eager SDXL slider step keeps the GPU busy a tenth of its wall time
@@ -7,10 +7,11 @@ whole backward to them, as one graph. torch.compile's CUDA graphs do the same af
 compilation; capturing takes about a second per signature.
 
 A signature is the inputs' shapes and dtypes, whether gradients are on and which inputs need them.
-The UNet's weights are frozen, so the only gradients are those of its inputs (a prompt's text
-states). The graphed UNet runs in its weights' dtype with autocast off, as diffusers' pipelines
-run it. Attention processors other than diffusers' own (AttentionHub records maps in Python), a UNet
-whose weights have started training, and calls with cross_attention_kwargs run eager.
+The UNet's own weights are frozen, so the gradients are those of its inputs (a prompt's text states)
+and of LoRA adapters where they train (personalized residuals), with one graph per adapter set-up. The
+graphed UNet runs in its weights' dtype with autocast off, as diffusers' pipelines run it. Attention
+processors other than diffusers' own (AttentionHub records maps in Python), a UNet whose own weights
+train, and calls with cross_attention_kwargs run eager.
 
 Sampling (`graphed_sampling`, one loop of no-grad calls) captures the UNet as it is set up for the loop:
 adapters at their scales, and processors and forward hooks that declare themselves `replayable` (tensor
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import torch
@@ -230,10 +230,9 @@ class GraphedCalls:
         return replay
 
 
-def adapters_train_alone(backbone) -> bool:
-    """Whether the backbone has a UNet whose parameters that train, if any, are all adapters' (LoRA): what
-    training graphs (`UNetGraphs`) replay, with the adapters' gradients."""
-    unet = getattr(backbone, "unet", None)
+def adapters_train_alone(unet: nn.Module | None) -> bool:
+    """Whether a UNet's parameters that train, if any, are all adapters' (LoRA): what training graphs
+    (`UNetGraphs`) replay, with the adapters' gradients. False for no UNet (flow backbones)."""
     return unet is not None and all("lora_" in name for name, p in unet.named_parameters() if p.requires_grad)
 
 
@@ -257,7 +256,7 @@ class UNetGraphs:
         if not torch.cuda.is_available() or weight_device(unet).type != "cuda":
             raise RuntimeError("CUDA graphs need the UNet on a CUDA device")
         trained = [p for p in unet.parameters() if p.requires_grad]
-        if not fixed_setup and not adapters_train_alone(SimpleNamespace(unet=unet)):
+        if not fixed_setup and not adapters_train_alone(unet):
             raise RuntimeError("CUDA graphs replay a UNet whose trained parameters, if any, are LoRA adapters'; "
                                "this one trains its own weights")
         self.unet, self.fixed_setup, self.trains = unet, fixed_setup, bool(trained) and not fixed_setup

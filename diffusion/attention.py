@@ -651,6 +651,12 @@ class KeySumReader(AttentionController):
         return probs
 
 
+def last_cross_layers(places: Iterable[Place]) -> set[str]:
+    """The last cross-attention layer of each transformer block (SDXL stacks up to 10 in one block)."""
+    last = {place.block_name: place.name for place in places if place.is_cross}  # in module order: the last wins
+    return set(last.values())
+
+
 class TokenMask(KeySumReader):
     """Per transformer block: the conditional cross-attention of some tokens, binarised at its median.
 
@@ -658,24 +664,25 @@ class TokenMask(KeySumReader):
     `selection` of weights over the keys ([keys], or [batch, keys] when each prompt's concept sits at
     its own positions); the block's score is the sum of the selected tokens' maps, heads averaged (LAG,
     Sec. 3.3). `mask_for(block_name)` returns [batch, 1, h, w] for the block's latest call (the mask
-    repeats for the unconditional half under CFG), or None before the block has run.
+    repeats for the unconditional half under CFG), or None before the block has run. `layers`: the cross-attention
+    layers to read (names); None reads every one, and a block of several layers keeps its last layer's mask.
     """
 
     replayable = True  # each block's mask is the same tensor work on every call; the step is not read
 
     def __init__(self, token_indices: Sequence[int] | torch.Tensor | None = None,
-                 selection: torch.Tensor | None = None):
+                 selection: torch.Tensor | None = None, layers: set[str] | None = None):
         if (token_indices is None) == (selection is None):
             raise ValueError("give token_indices or selection")
         super().__init__()
-        self.token_indices, self.selection = token_indices, selection
+        self.token_indices, self.selection, self.layers = token_indices, selection, layers
         self.masks: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.masks.clear()
 
     def wants(self, place: Place) -> bool:
-        return place.is_cross
+        return place.is_cross and (self.layers is None or place.name in self.layers)
 
     def key_weights(self, keys: int) -> torch.Tensor:
         if self.selection is not None:

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from diffusion.attention import AttentionHub, TokenMask, word_token_indices
+from diffusion.attention import AttentionHub, TokenMask, last_cross_layers, word_token_indices
 from diffusion.cuda_graphs import replayable_hook
 from diffusion.lora import add_lora, set_lora_scale
 from utils.errors import ArtifactError, ConfigError
@@ -123,7 +123,7 @@ class ResidualSampler:
     LAG (Sec. 3.3): in each transformer block the conditional cross-attention of V* and the class
     token, summed and binarised at its median, masks the residuals of the block's output projection
     (the unconditional half of a CFG batch reuses the conditional mask; a block of several transformer
-    layers, as on SDXL, uses its last layer's map). Other targets (K/V, proj_in, which run before the
+    layers, as on SDXL, uses its last layer's map, and only that layer's attention is read). Other targets (K/V, proj_in, which run before the
     block's attention has a map) keep their residual everywhere.
     """
 
@@ -146,11 +146,12 @@ class ResidualSampler:
             finally:
                 set_lora_scale(unet, 1.0, self.adapter_name)
             return
-        token_mask = TokenMask(selection=concept_selection(self.backbone.tokenizers[0], prompts, self.token_ids,
-                                                 self.class_word).to(self.backbone.device))
+        selection = concept_selection(self.backbone.tokenizers[0], prompts, self.token_ids, self.class_word)
+        hub = AttentionHub(unet)
+        token_mask = hub.add(TokenMask(selection=selection.to(self.backbone.device),
+                                       layers=last_cross_layers(hub.places.values())))  # the maps a mask keeps
         handles = [b.register_forward_hook(self._mask_hook(name.rsplit(".", 1)[0], token_mask))
                    for name, b in self.masked.items()]
-        hub = AttentionHub(unet, [token_mask])
         try:
             yield hub
         finally:

@@ -177,6 +177,30 @@ def test_lag_is_the_base_output_outside_the_mask_and_the_residual_output_inside(
         assert torch.equal(out[~on], base[~on]) and torch.equal(out[on], residual[on])
 
 
+def test_lag_reads_each_block_at_its_last_transformer_layer_alone(tiny_dirs):
+    """An SDXL block stacks transformer layers and LAG's mask is its last layer's map: the key sums are read at
+    that layer alone, one read per block, and the masks are those of reading every layer."""
+    module = residual_module(tiny_dirs["sdxl"])
+    backbone = module.backbone
+    cond = backbone.encode_prompt(PROMPTS)
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    reads, masks = {}, {}
+    with torch.no_grad(), module.sampler.applied(PROMPTS, lag=True) as hub:
+        token_mask = hub.controllers[0]
+        read = token_mask.read
+        for every_layer in (False, True):
+            token_mask.layers = None if every_layer else token_mask.layers
+            reads[every_layer] = []
+            token_mask.read = lambda sums, call, seen=reads[every_layer]: (seen.append(call.place.name),
+                                                                           read(sums, call))
+            backbone.predict(x, torch.tensor([500]), cond)
+            masks[every_layer] = dict(token_mask.masks)
+    blocks = {name.split(".transformer_blocks.")[0] for name in reads[True]}
+    assert len(reads[False]) == len(blocks) < len(reads[True])  # tiny SDXL: a block of 2 layers
+    assert masks[False].keys() == masks[True].keys() == blocks
+    assert all(torch.equal(masks[False][b], masks[True][b]) for b in blocks)
+
+
 def test_lag_sampling_costs_no_extra_unet_calls_and_strength_zero_is_the_base_model(tiny_dir):
     module = residual_module(tiny_dir)
     backbone = module.backbone

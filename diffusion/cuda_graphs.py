@@ -48,11 +48,15 @@ def frozen_unet(backbone) -> nn.Module | None:
     return unet
 
 
-def graphs_available(backbone) -> bool:
-    """Whether CUDA graphs can replay the backbone's UNet: frozen, not adapted, not compiled, on a CUDA device."""
-    unet = frozen_unet(backbone)
+def on_cuda_uncompiled(unet: nn.Module | None) -> bool:
+    """Whether a UNet is on a CUDA device and not compiled (torch.compile brings its own graphs)."""
     return unet is not None and torch.cuda.is_available() and weight_device(unet).type == "cuda" \
         and getattr(unet, "_compiled_call_impl", None) is None
+
+
+def graphs_available(backbone) -> bool:
+    """Whether CUDA graphs can replay the backbone's UNet: frozen, not adapted, not compiled, on a CUDA device."""
+    return on_cuda_uncompiled(frozen_unet(backbone))
 
 
 @contextlib.contextmanager
@@ -100,10 +104,8 @@ def graphed_sampling(backbone, enabled: bool = True, calls: int | None = None) -
     or hook that is not replayable, fewer than MIN_CALLS calls, enabled=False) the calls run as they would.
     Yields whether graphs are on."""
     unet = getattr(backbone, "unet", None)
-    if not enabled or unet is None or getattr(backbone, "unet_graphs", None) is not None \
-            or (calls is not None and calls < MIN_CALLS) \
-            or torch.is_grad_enabled() or not torch.cuda.is_available() or weight_device(unet).type != "cuda" \
-            or getattr(unet, "_compiled_call_impl", None) is not None or not replayable(unet):
+    if not enabled or not on_cuda_uncompiled(unet) or getattr(backbone, "unet_graphs", None) is not None \
+            or (calls is not None and calls < MIN_CALLS) or torch.is_grad_enabled() or not replayable(unet):
         yield False
         return
     backbone.unet_graphs = UNetGraphs(unet, fixed_setup=True)

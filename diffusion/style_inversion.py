@@ -332,24 +332,26 @@ class StyleDiffusionFitter:
                 eps = eps_u + s.guidance_scale * (eps_c.float() - eps_u) if guided else eps_c.float()
                 return eps, cond_maps
 
-            with torch.no_grad(), hub.sampling_state(step=i, num_steps=n):
-                eps_u = branch(x, t, uncond, uncond.hidden_states)[0].float() if guided else None  # "" keys and values
-            with torch.enable_grad(), hub.sampling_state(step=i, num_steps=n):
-                for _ in range(s.inner_iterations(i)):
-                    eps, cond_maps = guided_eps(net(features, cond.hidden_states))
-                    rec = F.mse_loss(schedule.step(x, eps, a_from, a_to), target)  # eq. (5)
-                    att = F.mse_loss(cond_maps.float(), target_map.float())  # eq. (7)
-                    loss = rec + s.attention_weight * att  # eq. (8)
-                    optimizer.zero_grad(set_to_none=True)
-                    backward(loss)
-                    optimizer.step()
-                    loss_value, done = loss.item(), done + 1
-                    if loss_value < threshold:
-                        break
+            with hub.sampling_state(step=i, num_steps=n):
+                with torch.no_grad():  # "" keys and values
+                    eps_u = branch(x, t, uncond, uncond.hidden_states)[0].float() if guided else None
+                with torch.enable_grad():
+                    for _ in range(s.inner_iterations(i)):
+                        eps, cond_maps = guided_eps(net(features, cond.hidden_states))
+                        rec = F.mse_loss(schedule.step(x, eps, a_from, a_to), target)  # eq. (5)
+                        att = F.mse_loss(cond_maps.float(), target_map.float())  # eq. (7)
+                        loss = rec + s.attention_weight * att  # eq. (8)
+                        optimizer.zero_grad(set_to_none=True)
+                        backward(loss)
+                        optimizer.step()
+                        loss_value, done = loss.item(), done + 1
+                        if loss_value < threshold:
+                            break
+                with torch.no_grad():
+                    eps = guided_eps(net(features, cond.hidden_states))[0]
+                    x = schedule.step(x, eps, a_from, a_to).to(backbone.dtype)
             iterations.append(done)
             losses.append(loss_value)
-            with torch.no_grad(), hub.sampling_state(step=i, num_steps=n):
-                x = schedule.step(x, guided_eps(net(features, cond.hidden_states))[0], a_from, a_to).to(backbone.dtype)
         optimizer.zero_grad(set_to_none=True)
         return StyleInversion(prompt, features.detach().cpu(), latents[n][None].cpu(), self.mappings,
                               s.guidance_scale, name, iterations, losses)

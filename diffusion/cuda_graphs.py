@@ -267,8 +267,9 @@ class UNetGraphs:
 
         adapters = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         setup = (lambda: adapter_setup(adapters)) if adapters and not fixed_setup else None
-        self.calls = GraphedCalls(self._forward, max_graphs, "UNet graph",
-                                  logging.DEBUG if fixed_setup else logging.INFO, setup, trained if self.trains else None)
+        level = logging.DEBUG if fixed_setup else logging.INFO
+        self.calls = GraphedCalls(self._forward, max_graphs, "UNet graph", level, setup,
+                                  trained if self.trains else None)
 
     @property
     def graphs(self) -> dict:

@@ -123,8 +123,8 @@ class ResidualSampler:
     LAG (Sec. 3.3): in each transformer block the conditional cross-attention of V* and the class
     token, summed and binarised at its median, masks the residuals of the block's output projection
     (the unconditional half of a CFG batch reuses the conditional mask; a block of several transformer
-    layers, as on SDXL, uses its last layer's map, and only that layer's attention is read). Other targets (K/V, proj_in, which run before the
-    block's attention has a map) keep their residual everywhere.
+    layers, as on SDXL, uses its last layer's map, and only that layer's attention is read). Other targets
+    (K/V, proj_in, which run before the block's attention has a map) keep their residual everywhere.
     """
 
     def __init__(self, backbone, token_ids: Sequence[int], class_word: str | None, adapter_name: str = ADAPTER):

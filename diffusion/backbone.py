@@ -54,6 +54,7 @@ class Backbone(VAELatents, nn.Module):
         self.scheduler = scheduler
         self.name = name
         self.unet_graphs = None  # diffusion.cuda_graphs.UNetGraphs while enabled (callbacks/fast_unet.py)
+        self._alphas_on: tuple[torch.Tensor, torch.Tensor] | None = None  # (scheduler's table, its device copy)
         self._token_ids: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (encoder, vocabulary size) -> ids
         self.requires_grad_(False)
         self.eval()
@@ -132,7 +133,13 @@ class Backbone(VAELatents, nn.Module):
                          cross_attention_kwargs=cross_attention_kwargs).sample
 
     def alphas_cumprod(self, device=None) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod.to(device or self.device)
+        """The scheduler's alpha_bar table on `device`, copied there once (a blocking copy per call would wait
+        for all queued GPU work)."""
+        device = torch.device(device or self.device)
+        table = self.scheduler.alphas_cumprod
+        if self._alphas_on is None or self._alphas_on[0] is not table or self._alphas_on[1].device != device:
+            self._alphas_on = (table, table.to(device))
+        return self._alphas_on[1]
 
     def training_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet output is regressed on for x_t = add_noise(latents, noise, t)."""

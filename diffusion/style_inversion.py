@@ -57,7 +57,7 @@ from diffusion.attention import AttentionHub, AttentionStore
 from diffusion.backbone import Backbone, Conditioning
 from diffusion.cuda_graphs import GraphedCalls, graphs_available
 from diffusion.image_encoder import ImageEncoder
-from diffusion.inversion import Trajectory, step_maps
+from diffusion.inversion import Trajectory, optimise_until_below, step_maps
 from diffusion.mapping import MappingNetworks, MappingSettings
 from diffusion.sampling import DDIMSchedule
 from utils.checks import check_whole, is_number
@@ -325,7 +325,6 @@ class StyleDiffusionFitter:
             self.mappings.warm_start(i)
             net = self.mappings[i]
             torch_optimizer.param_groups[i]["lr"] = s.step_lr(i)
-            threshold, done, loss_value = s.step_threshold(i), 0, float("nan")
 
             def guided_eps(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 eps_c, cond_maps = branch(x, t, cond, values)
@@ -335,18 +334,19 @@ class StyleDiffusionFitter:
             with hub.sampling_state(step=i, num_steps=n):
                 with torch.no_grad():  # "" keys and values
                     eps_u = branch(x, t, uncond, uncond.hidden_states)[0].float() if guided else None
+
+                def loss_and_gradient() -> torch.Tensor:
+                    eps, cond_maps = guided_eps(net(features, cond.hidden_states))
+                    rec = F.mse_loss(schedule.step(x, eps, a_from, a_to), target)  # eq. (5)
+                    att = F.mse_loss(cond_maps.float(), target_map.float())  # eq. (7)
+                    loss = rec + s.attention_weight * att  # eq. (8)
+                    optimizer.zero_grad(set_to_none=True)
+                    backward(loss)
+                    return loss
+
                 with torch.enable_grad():
-                    for _ in range(s.inner_iterations(i)):
-                        eps, cond_maps = guided_eps(net(features, cond.hidden_states))
-                        rec = F.mse_loss(schedule.step(x, eps, a_from, a_to), target)  # eq. (5)
-                        att = F.mse_loss(cond_maps.float(), target_map.float())  # eq. (7)
-                        loss = rec + s.attention_weight * att  # eq. (8)
-                        optimizer.zero_grad(set_to_none=True)
-                        backward(loss)
-                        optimizer.step()
-                        loss_value, done = loss.item(), done + 1
-                        if loss_value < threshold:
-                            break
+                    done, loss_value = optimise_until_below(loss_and_gradient, optimizer.step,
+                                                            s.inner_iterations(i), s.step_threshold(i))
                 with torch.no_grad():
                     eps = guided_eps(net(features, cond.hidden_states))[0]
                     x = schedule.step(x, eps, a_from, a_to).to(backbone.dtype)

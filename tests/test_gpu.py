@@ -254,6 +254,34 @@ def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplo
         assert gap < 0.03 * moved, (gap.item(), moved.item())
 
 
+def test_inversion_and_sampling_loops_never_wait_for_the_gpu(tiny):
+    """Inside null-text inversion and DDIM sampling nothing copies to or from the host in a way that drains the
+    GPU's queue (each such copy stalls a launch-bound batch-1 loop); only building a schedule moves tensors."""
+    import inspect
+    import warnings
+
+    from diffusion.inversion import null_text_inversion
+    from diffusion.sampling import DDIMSchedule, ddim_invert, ddim_sample, initial_noise
+
+    tiny.to("cuda")
+    cond, uncond = tiny.encode_prompt(["a red cat"]), tiny.encode_prompt([""])
+    noise = initial_noise(tiny, 1, torch.Generator().manual_seed(0), device="cpu").to("cuda")
+    trajectory = ddim_invert(tiny, ddim_sample(tiny, cond, noise, num_steps=4, guidance_scale=1.0), cond, 4)
+    lines, first = inspect.getsourcelines(DDIMSchedule.__init__)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            schedule = null_text_inversion(tiny, trajectory, cond, 4, inner_steps=3, early_stop=0.0,
+                                           early_stop_growth=0.0, uncond=uncond)
+            ddim_sample(tiny, cond, trajectory[-1], schedule, num_steps=4)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    waits = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)
+             and not (w.filename == inspect.getsourcefile(DDIMSchedule) and first <= w.lineno < first + len(lines))]
+    assert schedule.iterations == [3] * 4 and not waits, waits
+
+
 def test_residuals_train_on_gpu(tiny_dir, image_folder, tmp_path):
     """The residuals' seeded random init draws on the CPU under Lightning's CUDA init context."""
     from safetensors.torch import load_file

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from datamodules.trajectories import TrajectoryDataModule
 from diffusion.attention import AttentionHub, ControlledAttnProcessor
 from diffusion.inversion import (UncondSchedule, negative_prompt_inversion, null_text_inversion,
-                                 reconstruct)
+                                 optimise_until_below, reconstruct)
 from diffusion.sampling import ddim_invert, ddim_sample, initial_noise
 from utils.errors import DataError
 
@@ -95,6 +95,31 @@ def test_null_text_warm_start_learning_rate_and_early_stop(tiny):
 
 
 # ----- negative-prompt inversion and schedules ---------------------------------------------------
+@pytest.mark.parametrize("max_updates, threshold, updates", [(10, 1.0, 3), (10, 0.0, 10), (2, 1.0, 2), (0, 1.0, 0)])
+def test_inner_loop_applies_the_update_that_stops_it_and_no_more(max_updates, threshold, updates):
+    """SGD at lr 1/4 on |w|^2 halves w per update: losses 13, 3.25, 0.8125, ... measured before each update; the
+    first below 1.0 is the third, whose update is applied; the gradient queued after it is not."""
+    w = torch.tensor([3.0, -2.0], requires_grad=True)
+    optimizer = torch.optim.SGD([w], lr=0.25)
+    calls = []
+
+    def loss_and_gradient():
+        optimizer.zero_grad()
+        loss = w.pow(2).sum()
+        loss.backward()
+        calls.append(loss.item())
+        return loss
+
+    done, loss = optimise_until_below(loss_and_gradient, optimizer.step, max_updates, threshold)
+    assert done == updates
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, -2.0]) * 0.5 ** updates)
+    if updates:
+        assert loss == 13 * 0.25 ** (updates - 1)  # the loss measured before the last update
+    else:
+        assert loss != loss  # nan: no update, no loss
+    assert len(calls) == updates + (updates < max_updates)  # one queued forward beyond a stop that came early
+
+
 def test_negative_prompt_inversion_samples_with_the_source_prompt_as_uncond(tiny):
     """NPI's reconstruction at 7.5 is ddim_sample with uncond = the source embedding; a schedule of one
     embedding samples as that fixed embedding."""

@@ -55,6 +55,7 @@ class Backbone(VAELatents, nn.Module):
         self.name = name
         self.unet_graphs = None  # diffusion.cuda_graphs.UNetGraphs while enabled (callbacks/fast_unet.py)
         self._alphas_on: tuple[torch.Tensor, torch.Tensor] | None = None  # (scheduler's table, its device copy)
+        self._size_ids: dict[tuple, torch.Tensor] = {}  # (resolution, device, dtype) -> SDXL's time ids
         self._token_ids: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (encoder, vocabulary size) -> ids
         self.requires_grad_(False)
         self.eval()
@@ -115,9 +116,16 @@ class Backbone(VAELatents, nn.Module):
             out = encoder(self.tokenize(prompts, i), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of the projection model (the second encoder)
-        h = self.resolution
-        time_ids = torch.tensor([[h, h, 0, 0, h, h]], device=self.device, dtype=pooled.dtype)
-        return Conditioning(torch.cat(states, dim=-1), pooled, time_ids.expand(len(prompts), 6))
+        return Conditioning(torch.cat(states, dim=-1), pooled, self.size_ids(pooled.dtype).expand(len(prompts), 6))
+
+    def size_ids(self, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's time ids [1, 6] (original size, crop (0, 0), target size at the model's resolution), made on the
+        device once: a tensor built from host numbers is a blocking copy, which would stall every training step."""
+        key = (self.resolution, self.device, dtype)
+        if key not in self._size_ids:
+            h = self.resolution
+            self._size_ids[key] = torch.tensor([[h, h, 0, 0, h, h]], device=self.device, dtype=dtype)
+        return self._size_ids[key]
 
     # ----- the UNet ----------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,

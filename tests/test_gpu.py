@@ -254,6 +254,27 @@ def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplo
         assert gap < 0.03 * moved, (gap.item(), moved.item())
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+def test_encoding_a_prompt_seen_before_never_waits_for_the_gpu(model, request):
+    """Training steps encode their trained prompts every step: token ids and SDXL's size ids come from caches
+    on the device, so the host queues the text encoders without draining the GPU's queue first."""
+    import warnings
+
+    backbone = request.getfixturevalue(model).to("cuda")
+    first = backbone.encode_prompt(["a red cat", "a dog"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            again = backbone.encode_prompt(["a red cat", "a dog"])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert not [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    torch.testing.assert_close(again.hidden_states, first.hidden_states)
+    if first.time_ids is not None:
+        assert again.time_ids.tolist() == [[backbone.resolution] * 2 + [0, 0] + [backbone.resolution] * 2] * 2
+
+
 def test_inversion_and_sampling_loops_never_wait_for_the_gpu(tiny):
     """Inside null-text inversion and DDIM sampling nothing copies to or from the host in a way that drains the
     GPU's queue (each such copy stalls a launch-bound batch-1 loop); only building a schedule moves tensors."""

@@ -83,7 +83,7 @@ def _read_later(value: torch.Tensor) -> Callable[[], float]:
     host = torch.empty((), dtype=value.dtype, pin_memory=True)
     host.copy_(value, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(value.device))
 
     def read() -> float:
         copied.synchronize()

@@ -3,6 +3,7 @@ flow editing cost on full-size SD3-medium and FLUX.1-dev with random weights, in
 
     python benchmarks/flow_speed.py --models sd3_random flux_random --steps 12 --out runs/flow_speed
     python benchmarks/flow_speed.py --models tiny_sd3 tiny_flux --steps 3 --sample-steps 3 --out /tmp/fs   # CPU check
+    python benchmarks/flow_speed.py model.gradient_checkpointing=true --models flux_random   # activations recomputed: less memory
 
 For each model the backbone is made once (random models in GPU memory, nothing written to disk; configured
 models loaded as train.py loads them) and every measurement shares it:
@@ -71,6 +72,7 @@ def make_backbone(model: str, tokenizer_dir: Path, overrides: Sequence[str] = ()
         arch = RANDOM_ARCHS[cfg.build]
         pipe = random_flow_pipeline(arch, tokenizer_dir, dtype=dtype, sizes=sizes)
         return flow_backbone_from_pipeline(arch, pipe, cfg.get("max_sequence_length"), cfg.name,
+                                           gradient_checkpointing=cfg.get("gradient_checkpointing", False),
                                            resolution=cfg.resolution, training_guidance=cfg.get("training_guidance"))
     return load_backbone(**{k: v for k, v in cfg.items() if k != "dtype"}, dtype=dtype).to(DEVICE)
 
@@ -200,11 +202,14 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=28, help="Euler steps per image (the pipelines' 28)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmarks" / "flow_speed")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides for every model and run, before --models "
+                                                     "(e.g. model.gradient_checkpointing=true)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models:
-        rows.append(measure(model, args.steps, args.sample_steps, args.repeats, args.out, args.methods))
+        rows.append(measure(model, args.steps, args.sample_steps, args.repeats, args.out, args.methods,
+                            args.overrides))
         (args.out / "flow_speed.json").write_text(json.dumps(rows, indent=2))
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

@@ -265,7 +265,8 @@ def model_identity(name: str | None, path: str | Path | None) -> dict[str, str]:
 def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype | None = None,
                   vae_dtype: str | torch.dtype | None = None, revision: str | None = None,
                   variant: str | None = None, build: str | None = None, name: str | None = None,
-                  prediction_type: str | None = None, key: str = "model.path", **settings):
+                  prediction_type: str | None = None, key: str = "model.path", gradient_checkpointing: bool = False,
+                  **settings):
     """Load a Stable Diffusion backbone (SD1.x / SD2.x / SDXL) from a local folder or a hub id; an SD3 or FLUX
     one (model.kind sd3 / flux, or found in model_index.json) as a diffusion.flow.FlowBackbone, which takes
     `settings` (max_sequence_length, resolution, training_guidance).
@@ -273,6 +274,8 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
     `build` names a model to create at `path` when it is missing: the tiny test models (tiny,
     tiny_sd2, tiny_sdxl) or random-weight full-size architectures (random_sd15, random_sdxl).
     Frozen parts are cast to `dtype` (the compute dtype); `vae_dtype` overrides it for the VAE.
+    `gradient_checkpointing` makes the UNet (SD3 / FLUX: the transformer) recompute its blocks' activations in
+    the backward instead of keeping them: less memory for methods that backpropagate through it, slower steps.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -302,7 +305,7 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
         from diffusion.flow import load_flow_backbone
 
         return load_flow_backbone(source, kind, dtype=dtype, name=name or Path(str(path)).name, revision=revision,
-                                  key=key, **settings)
+                                  key=key, gradient_checkpointing=gradient_checkpointing, **settings)
 
     common = {"revision": revision, "variant": variant}
     try:
@@ -327,6 +330,9 @@ def load_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype
     if prediction_type:
         overrides["prediction_type"] = prediction_type
     scheduler = DDIMScheduler.from_config({**sched_config, **overrides})
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     backbone = Backbone(unet, vae, encoders, tokenizers, scheduler, name=name or Path(str(path)).name)
-    log.info("loaded %s backbone from %s (%s, %dpx)", kind, path, dtype, backbone.resolution)
+    log.info("loaded %s backbone from %s (%s, %dpx%s)", kind, path, dtype, backbone.resolution,
+             ", gradient checkpointing" if gradient_checkpointing else "")
     return backbone

@@ -383,11 +383,13 @@ def flow_invert(backbone: FlowBackbone, cond: Conditioning, latents: torch.Tenso
 def load_flow_backbone(path: str | None, kind: str = "auto", dtype: str | torch.dtype | None = None,
                        build: str | None = None, name: str | None = None, max_sequence_length: int | None = None,
                        revision: str | None = None, key: str = "model.path", resolution: int | None = None,
-                       training_guidance: float = FLUX_TRAINING_GUIDANCE, **_ignored) -> FlowBackbone:
+                       training_guidance: float = FLUX_TRAINING_GUIDANCE, gradient_checkpointing: bool = False,
+                       **_ignored) -> FlowBackbone:
     """Load an SD3 or FLUX.1 backbone from a diffusers-format folder or hub id, frozen in `dtype`.
 
     `kind="auto"` reads the pipeline class from model_index.json; `build` (tiny_sd3, tiny_flux) creates the tiny
-    test model at `path` when it is missing.
+    test model at `path` when it is missing. `gradient_checkpointing`: the transformer recomputes its blocks'
+    activations in the backward: less memory for methods that backpropagate through it, slower steps.
     """
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
@@ -407,14 +409,18 @@ def load_flow_backbone(path: str | None, kind: str = "auto", dtype: str | torch.
         raise ModelLoadError(f"{key}={path} could not be loaded ({str(e).splitlines()[0]}); "
                              f"point it at a complete diffusers-format {FLOW_PIPELINES[found]} folder") from e
     backbone = flow_backbone_from_pipeline(found, pipe, max_sequence_length, name or Path(str(path)).name,
-                                           resolution=resolution, training_guidance=training_guidance)
+                                           resolution=resolution, training_guidance=training_guidance,
+                                           gradient_checkpointing=gradient_checkpointing)
     log.info("loaded %s flow backbone from %s (%s)", found, path, backbone.dtype)
     return backbone
 
 
 def flow_backbone_from_pipeline(kind: str, pipe, max_sequence_length: int | None, name: str,
-                                **settings) -> FlowBackbone:
-    """A FlowBackbone around a loaded (or built in memory) StableDiffusion3Pipeline / FluxPipeline's parts."""
+                                gradient_checkpointing: bool = False, **settings) -> FlowBackbone:
+    """A FlowBackbone around a loaded (or built in memory) StableDiffusion3Pipeline / FluxPipeline's parts;
+    `gradient_checkpointing` as in `load_flow_backbone`."""
+    if gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
     if kind == "sd3":
         clip_encoders, clip_tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
         t5_encoder, t5_tokenizer = pipe.text_encoder_3, pipe.tokenizer_3

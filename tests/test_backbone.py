@@ -355,3 +355,44 @@ def test_model_identity_is_portable_and_follows_the_content(tiny_dir, tmp_path):
     assert model_identity("tiny", copy)["backbone_fingerprint"] != here["backbone_fingerprint"]
     assert model_identity("sd15", "runwayml/stable-diffusion-v1-5") == {
         "backbone": "sd15", "backbone_model": "runwayml/stable-diffusion-v1-5"}
+
+
+def grad_and_block_calls(backbone, block: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor):
+    """The gradient of a loss on the backbone's prediction w.r.t. the text states, and how often `block` ran."""
+    calls = []  # counted as calls start: a recomputation stops once it has what the backward needs
+    hook = block.register_forward_pre_hook(lambda *_: calls.append(1))
+    cond = backbone.encode_prompt(["a red cat"])
+    states = cond.hidden_states.clone().requires_grad_(True)
+    backbone.predict(latents, t, Conditioning(states, cond.pooled, cond.time_ids)).square().mean().backward()
+    hook.remove()
+    return states.grad, len(calls)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_gradient_checkpointing_recomputes_unet_blocks_and_keeps_the_gradients(kind, tiny_dirs):
+    from diffusion.sampling import initial_noise
+
+    plain, checkpointed = (load_backbone(str(tiny_dirs[kind]), gradient_checkpointing=on) for on in (False, True))
+    assert checkpointed.unet.is_gradient_checkpointing and not plain.unet.is_gradient_checkpointing
+    latents = initial_noise(plain, 1, torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    # a block after the first cross-attention, so on the gradient's path to the text states
+    (g0, n0), (g1, n1) = (grad_and_block_calls(b, b.unet.up_blocks[-1].resnets[0], latents, t)
+                          for b in (plain, checkpointed))
+    assert (n0, n1) == (1, 2)  # the backward ran the block again instead of keeping its activations
+    torch.testing.assert_close(g1, g0)
+
+
+def test_model_gradient_checkpointing_reaches_a_composed_module(tiny_dir, tmp_path):
+    """`model.gradient_checkpointing=true` on the command line turns it on in the module's backbone (off by
+    default in every conf/model file)."""
+    from hydra.utils import instantiate
+
+    from tests.helpers import compose_cfg
+
+    for on in (False, True):
+        overrides = ["method=textual_inversion", "model=tiny", f"model.path={tiny_dir}"]
+        cfg = compose_cfg("train", overrides + ["model.gradient_checkpointing=true"] * on, tmp_path)
+        module = instantiate(cfg.module)
+        module.configure_model()
+        assert module.backbone.unet.is_gradient_checkpointing == on

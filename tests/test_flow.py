@@ -247,3 +247,16 @@ def test_loading_names_what_is_wrong(flow_dirs, tmp_path):
                                                          "transformer": ["diffusers", "FluxTransformer2DModel"]}))
     with pytest.raises(ModelLoadError, match="could not be loaded"):
         load_flow_backbone(str(broken))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_recomputes_transformer_blocks_and_keeps_the_gradients(kind, flow_dirs):
+    from tests.test_backbone import grad_and_block_calls
+
+    plain, checkpointed = (load_flow_backbone(str(flow_dirs[kind]), gradient_checkpointing=on) for on in (False, True))
+    assert checkpointed.transformer.is_gradient_checkpointing and not plain.transformer.is_gradient_checkpointing
+    latents = latents_like(plain, 1, 0)
+    (g0, n0), (g1, n1) = (grad_and_block_calls(b, b.transformer.transformer_blocks[0], latents, torch.tensor([0.5]))
+                          for b in (plain, checkpointed))
+    assert (n0, n1) == (1, 2)  # the backward ran the block again instead of keeping its activations
+    torch.testing.assert_close(g1, g0)

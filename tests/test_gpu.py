@@ -275,6 +275,30 @@ def test_encoding_a_prompt_seen_before_never_waits_for_the_gpu(model, request):
         assert again.time_ids.tolist() == [[backbone.resolution] * 2 + [0, 0] + [backbone.resolution] * 2] * 2
 
 
+def test_a_checkpointing_unet_replays_only_its_calls_without_gradients(tiny_dir):
+    """Gradient checkpointing recomputes blocks in the backward, which a graph's capture cannot hold: calls with
+    gradients run eager (and give the same gradients), calls without replay a graph."""
+    from diffusion.backbone import load_backbone
+    from diffusion.cuda_graphs import UNetGraphs
+
+    backbone = load_backbone(str(tiny_dir), gradient_checkpointing=True).to("cuda")
+    graphs = UNetGraphs(backbone.unet)
+    cond = backbone.encode_prompt(["a red cat"])
+    size = backbone.unet.config.sample_size
+    x, t = torch.randn(1, 4, size, size, device="cuda"), torch.tensor([500], device="cuda")
+    with torch.no_grad():
+        replayed = graphs(x, t, cond.hidden_states)
+        eager = backbone.unet(x, t, encoder_hidden_states=cond.hidden_states).sample
+    grads = []
+    for call in (graphs, lambda *a: backbone.unet(a[0], a[1], encoder_hidden_states=a[2]).sample):
+        states = cond.hidden_states.clone().requires_grad_(True)
+        call(x, t, states).square().mean().backward()
+        grads.append(states.grad)
+    assert [key[0] for key in graphs.graphs] == [False]  # one graph, of the call without gradients
+    torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_inversion_and_sampling_loops_never_wait_for_the_gpu(tiny):
     """Inside null-text inversion and DDIM sampling nothing copies to or from the host in a way that drains the
     GPU's queue (each such copy stalls a launch-bound batch-1 loop); only building a schedule moves tensors."""

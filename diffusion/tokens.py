@@ -79,9 +79,11 @@ class TokenRows(nn.Module):
         match = args[0].unsqueeze(-1) == self.token_ids  # [..., n]: a handful of ids, no vocab-sized table
         hit = match.any(-1)  # no early exit when nothing hits: asking would wait for the GPU
         rows = self.rows[match.long().argmax(-1)]
-        if self.scale is not None:
-            scale = torch.as_tensor(self.scale, device=rows.device, dtype=rows.dtype)
-            rows = rows * (scale.view(-1, *([1] * (rows.ndim - 1))) if scale.ndim else scale)
+        scale = self.scale
+        if torch.is_tensor(scale) and scale.ndim:  # one scale per prompt of the batch
+            rows = rows * scale.to(rows.dtype).view(-1, *([1] * (rows.ndim - 1)))
+        elif scale is not None:  # a number multiplies as it is: a tensor made of it would be a blocking copy
+            rows = rows * scale
         return torch.where(hit.unsqueeze(-1), rows.to(out.dtype), out)
 
     @torch.no_grad()

@@ -295,7 +295,7 @@ class UNetGraphs:
             return not torch.is_grad_enabled()
         if self.trains and not torch.is_grad_enabled():
             return False
-        if torch.is_grad_enabled() and self.unet.is_gradient_checkpointing:
+        if torch.is_grad_enabled() and getattr(self.unet, "is_gradient_checkpointing", False):
             return False  # the backward recomputes blocks (and restores RNG state), which a capture cannot hold
         return all(type(p) in PLAIN_PROCESSORS for p in self.unet.attn_processors.values()) \
             and [id(p) for p in self.unet.parameters() if p.requires_grad] == self.trained_ids  # what the graphs train

@@ -288,5 +288,19 @@ def test_the_benchmarks_calls(tiny):
     assert (controller.cross_steps, controller.self_steps, controller.uncond_self_steps) == (0.8, 0.4, 0.5)
 
 
+def test_style_speed_times_repeated_null_text_inversions(tiny):
+    """benchmarks/style_speed.py --null-text-runs 2: the first inversion apart from the later ones, each run a
+    full inversion (the same iterations), and the reconstruction's PSNR."""
+    from benchmarks.style_speed import null_text_variants
+
+    image = torch.rand(3, tiny.resolution, tiny.resolution) * 2 - 1
+    z0 = tiny.encode_images(image[None], torch.Generator().manual_seed(0)).float()
+    rows = null_text_variants(tiny, image, z0, 7.5, ["fp32_eager"], n=2, runs=2)
+    row = rows["fp32_eager"]
+    assert set(row) == {"seconds", "iterations", "psnr_db", "later_seconds"} and len(row["later_seconds"]) == 1
+    assert 1 <= row["iterations"] <= 20 and row["psnr_db"] > 0
+    assert "later_seconds" not in null_text_variants(tiny, image, z0, 7.5, ["fp32_eager"], n=2)["fp32_eager"]
+
+
 def all_subclasses(cls: type) -> set[type]:
     return {sub for child in cls.__subclasses__() for sub in (child, *all_subclasses(child))}

@@ -263,6 +263,8 @@ class UNetGraphs:
                                "this one trains its own weights")
         self.unet, self.fixed_setup, self.trains = unet, fixed_setup, bool(trained) and not fixed_setup
         self.trained_ids = [id(p) for p in trained]
+        # set when the backbone loads; diffusers' property walks every module, too slow to ask on each call
+        self.checkpointing = getattr(unet, "is_gradient_checkpointing", False)
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         adapters = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
@@ -295,7 +297,7 @@ class UNetGraphs:
             return not torch.is_grad_enabled()
         if self.trains and not torch.is_grad_enabled():
             return False
-        if torch.is_grad_enabled() and getattr(self.unet, "is_gradient_checkpointing", False):
+        if torch.is_grad_enabled() and self.checkpointing:
             return False  # the backward recomputes blocks (and restores RNG state), which a capture cannot hold
         return all(type(p) in PLAIN_PROCESSORS for p in self.unet.attn_processors.values()) \
             and [id(p) for p in self.unet.parameters() if p.requires_grad] == self.trained_ids  # what the graphs train

@@ -325,15 +325,14 @@ class StyleDiffusionFitter:
             self.mappings.warm_start(i)
             net = self.mappings[i]
             torch_optimizer.param_groups[i]["lr"] = s.step_lr(i)
-
-            def guided_eps(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                eps_c, cond_maps = branch(x, t, cond, values)
-                eps = eps_u + s.guidance_scale * (eps_c.float() - eps_u) if guided else eps_c.float()
-                return eps, cond_maps
-
             with hub.sampling_state(step=i, num_steps=n):
                 with torch.no_grad():  # "" keys and values
                     eps_u = branch(x, t, uncond, uncond.hidden_states)[0].float() if guided else None
+
+                def guided_eps(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    eps_c, cond_maps = branch(x, t, cond, values)
+                    eps = eps_u + s.guidance_scale * (eps_c.float() - eps_u) if guided else eps_c.float()
+                    return eps, cond_maps
 
                 def loss_and_gradient() -> torch.Tensor:
                     eps, cond_maps = guided_eps(net(features, cond.hidden_states))

@@ -154,7 +154,7 @@ def time_editing(backbone, sample_steps: int, guidance: float) -> dict:
 
 
 def measure(model: str, steps: int, sample_steps: int, repeats: int, out: Path, methods: list[str],
-            overrides: Sequence[str] = (), sizes: dict | None = None) -> dict:
+            overrides: Sequence[str] = (), sizes: dict | None = None, editing: bool = True) -> dict:
     """One model's row; `overrides` go to every composed config, `sizes` to a random architecture's components
     (tests/test_random_flow_models.py runs the random path at toy sizes)."""
     guidance = float(model_settings(model, overrides).get("guidance_scale", 7.5))
@@ -166,8 +166,9 @@ def measure(model: str, steps: int, sample_steps: int, repeats: int, out: Path, 
         row["build_s"] = time.perf_counter() - start
         row["backbone_gib"] = sum(p.numel() * p.element_size() for p in backbone.parameters()) / 2 ** 30
         print(json.dumps(row), flush=True)
-        row.update(time_editing(backbone, sample_steps, guidance))  # before any method adds a token or adapter
-        print(json.dumps(row), flush=True)
+        if editing:
+            row.update(time_editing(backbone, sample_steps, guidance))  # before any method adds a token or adapter
+            print(json.dumps(row), flush=True)
         modules = {}
         for method in methods:
             modules[method], timing = train(backbone, model, method, steps, out / f"{model}_{method}", overrides)
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=28, help="Euler steps per image (the pipelines' 28)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmarks" / "flow_speed")
+    parser.add_argument("--no-editing", dest="editing", action="store_false", help="skip the inversion + edit timing")
     parser.add_argument("overrides", nargs="*", help="train.py overrides for every model and run, before --models "
                                                      "(e.g. model.gradient_checkpointing=true)")
     args = parser.parse_args()
@@ -209,7 +211,7 @@ def main() -> None:
     rows = []
     for model in args.models:
         rows.append(measure(model, args.steps, args.sample_steps, args.repeats, args.out, args.methods,
-                            args.overrides))
+                            args.overrides, editing=args.editing))
         (args.out / "flow_speed.json").write_text(json.dumps(rows, indent=2))
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

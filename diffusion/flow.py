@@ -44,6 +44,16 @@ EMBEDDING_KEYS = {"sd3": ("clip_l", "clip_g", "t5"), "flux": ("clip_l", "t5")}
 FLUX_TRAINING_GUIDANCE = 3.5  # the guidance embedding's input in training: diffusers' train_dreambooth_flux default
 
 
+def avoid_cudnn_attention() -> None:
+    """Keep scaled_dot_product_attention off cuDNN's fused kernel for this process: its backward fails on FLUX's
+    training shapes (torch 2.11, H100: "Expected mha_graph.execute(...).is_good()", then an illegal memory access;
+    pytorch/pytorch#122695). The flash and memory-efficient kernels take over. Process-wide, because a transformer
+    with gradient checkpointing re-runs its attention inside the backward, outside any context manager."""
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("scaled_dot_product_attention: cuDNN's fused kernel off (its backward fails on flow transformers)")
+
+
 # ----- FLUX's latent packing (FluxPipeline._pack_latents / _unpack_latents) --------------------------
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C): FLUX's transformer reads 2x2 latent patches as tokens."""
@@ -95,6 +105,7 @@ class FlowBackbone(VAELatents, nn.Module):
         self.training_guidance = training_guidance
         self.requires_grad_(False)
         self.eval()
+        avoid_cudnn_attention()
 
     def train(self, mode: bool = True):  # frozen parts never leave eval mode (no dropout)
         return super().train(False)

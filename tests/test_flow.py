@@ -260,3 +260,16 @@ def test_gradient_checkpointing_recomputes_transformer_blocks_and_keeps_the_grad
                           for b in (plain, checkpointed))
     assert (n0, n1) == (1, 2)  # the backward ran the block again instead of keeping its activations
     torch.testing.assert_close(g1, g0)
+
+
+def test_a_flow_backbone_keeps_attention_off_cudnns_fused_kernel(flow_dirs):
+    """cuDNN's fused attention backward fails on FLUX's training shapes: building a flow backbone switches that
+    kernel off for the process (the flash and memory-efficient kernels remain)."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        load_flow_backbone(str(flow_dirs["flux"]))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

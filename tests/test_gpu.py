@@ -262,13 +262,13 @@ def test_encoding_a_prompt_seen_before_never_waits_for_the_gpu(model, request):
 
     backbone = request.getfixturevalue(model).to("cuda")
     first = backbone.encode_prompt(["a red cat", "a dog"])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
+    torch.cuda.set_sync_debug_mode("warn")  # outside the record: the first call warns that the mode is on
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             again = backbone.encode_prompt(["a red cat", "a dog"])
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     assert not [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
     torch.testing.assert_close(again.hidden_states, first.hidden_states)
     if first.time_ids is not None:
@@ -313,15 +313,15 @@ def test_inversion_and_sampling_loops_never_wait_for_the_gpu(tiny):
     noise = initial_noise(tiny, 1, torch.Generator().manual_seed(0), device="cpu").to("cuda")
     trajectory = ddim_invert(tiny, ddim_sample(tiny, cond, noise, num_steps=4, guidance_scale=1.0), cond, 4)
     lines, first = inspect.getsourcelines(DDIMSchedule.__init__)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
+    torch.cuda.set_sync_debug_mode("warn")  # outside the record, as above
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             schedule = null_text_inversion(tiny, trajectory, cond, 4, inner_steps=3, early_stop=0.0,
                                            early_stop_growth=0.0, uncond=uncond)
             ddim_sample(tiny, cond, trajectory[-1], schedule, num_steps=4)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     waits = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)
              and not (w.filename == inspect.getsourcefile(DDIMSchedule) and first <= w.lineno < first + len(lines))]
     assert schedule.iterations == [3] * 4 and not waits, waits

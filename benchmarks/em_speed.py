@@ -23,7 +23,11 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 SCENES = ROOT / "assets" / "shapes_scenes"
+
+from timing import run_timing  # noqa: E402
+
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
@@ -72,7 +76,7 @@ def main() -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-4000:])
-    timing = json.loads((run / "timing.json").read_text())
+    timing = run_timing(run)
     result = {"model": args.model, "scenes": args.scenes, "joint_weights": args.weights,
               "wall_s": time.time() - start, **stage_times(run / "train.log"), **timing}
     rows = json.loads((run / "masks" / "iou.json").read_text())

@@ -222,8 +222,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     (args.out / "peer_speed.json").write_text(json.dumps({"model": args.model, "device": args.device,
                                                           "steps": args.steps, "rows": rows}, indent=2))
-    print(f"\n| model | batch | plain diffusers s/step | ours s/step | ratio (ours steps/s over plain) | "
-          f"plain model TFLOP/s | of bf16 peak |")
+    print("\n| model | batch | plain diffusers s/step | ours s/step | ratio (ours steps/s over plain) | "
+          "plain model TFLOP/s | of bf16 peak |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         p = r["plain"]

@@ -27,7 +27,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+from timing import run_timing  # noqa: E402
+
 sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
 
@@ -45,7 +49,7 @@ def train(model: str, run: Path, trainer: str, overrides: list[str]) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
-    timing = json.loads((run / "timing.json").read_text())
+    timing = run_timing(run)
     return {"wall_s": time.time() - start, **timing}
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "benchmarks"))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from timing import sync, time_in_turns  # noqa: E402
+from timing import run_timing, sync, time_in_turns  # noqa: E402
 
 
 def train(models: list[str], methods: list[str], steps: int, out: Path, overrides: list[str]) -> list[dict]:
@@ -44,7 +44,7 @@ def train(models: list[str], methods: list[str], steps: int, out: Path, override
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 continue
-            timing = json.loads((run / "timing.json").read_text())
+            timing = run_timing(run)
             rows.append({"method": method, "model": model, "wall_s": time.time() - start, **timing})
             print(json.dumps(rows[-1]), flush=True)
     print("\n| method | model | median s/iter | mean s/iter | 3000 iters (median) | peak GiB |")

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, ContextManager, Mapping
 
 import torch
+
+
+def run_timing(run: Path) -> dict:
+    """A train.py run's timing.json (callbacks/throughput.py) without its per-step list, for a benchmark's row."""
+    timing = json.loads((Path(run) / "timing.json").read_text())
+    timing.pop("step_s", None)
+    return timing
 
 
 def sync() -> None:

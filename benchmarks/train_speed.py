@@ -53,7 +53,7 @@ def main() -> None:
             subprocess.run(cmd, cwd=ROOT, check=True)
             timing = json.loads((run / "timing.json").read_text())
             rows.append((model, timing))
-    print(f"\n| method | model | device | precision | median s/step | steps/s | peak GiB |")
+    print("\n| method | model | device | precision | median s/step | steps/s | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for model, t in rows:
         print(f"| {args.method} | {model} | {t['device']} | {t['precision']} | {t.get('median_step_s', float('nan')):.4f} "

@@ -1,4 +1,5 @@
-"""Seconds per training step and peak GPU memory: logged, and written to timing.json at the end.
+"""Seconds per training step and peak GPU memory: logged, and written to timing.json at the end (with every
+timed step's seconds, `step_s`, from batch `first_timed_batch` on: steps slowed every N batches show there).
 
 On a GPU the steps are timed by CUDA events recorded at the end of every batch and read once the GPU has
 passed them, so timing never makes the host wait for the GPU (a per-step synchronisation would stop the
@@ -25,6 +26,7 @@ class StepTimer(L.Callback):
         self.dirpath = Path(dirpath)
         self.warmup = warmup
         self.times: list[float] = []
+        self.first_timed: int | None = None  # the batch index of times[0]
         self._marks: list[tuple[int, object]] = []  # (batch index, CUDA event or perf_counter time), oldest first
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -55,6 +57,8 @@ class StepTimer(L.Callback):
                 break
             self._marks.pop(0)
             if index >= self.warmup:
+                if self.first_timed is None:
+                    self.first_timed = index
                 self.times.append(seconds)
                 found = True
         return found
@@ -66,7 +70,8 @@ class StepTimer(L.Callback):
                "precision": str(pl_module.trainer.precision), "timed_steps": len(self.times)}
         if self.times:
             out.update(mean_step_s=statistics.fmean(self.times), median_step_s=statistics.median(self.times),
-                       steps_per_s=1 / statistics.median(self.times))
+                       steps_per_s=1 / statistics.median(self.times), first_timed_batch=self.first_timed,
+                       step_s=[round(t, 6) for t in self.times])
         if device.type == "cuda":
             out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         return out

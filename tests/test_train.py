@@ -197,6 +197,7 @@ def test_step_timer_times_steps_after_the_warmup(tmp_path):
     import json
     summary = json.loads((tmp_path / "timing.json").read_text())
     assert summary["timed_steps"] == 3 and summary["median_step_s"] >= 0.009
+    assert summary["first_timed_batch"] == 2 and summary["step_s"] == [round(t, 6) for t in timer.times]
 
 
 def test_resume_refuses_bad_and_foreign_checkpoints(base, tmp_path):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -254,22 +258,30 @@ def test_null_text_inversion_replays_graphs_and_fits_what_eager_fits(tiny, caplo
         assert gap < 0.03 * moved, (gap.item(), moved.item())
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
-def test_encoding_a_prompt_seen_before_never_waits_for_the_gpu(model, request):
-    """Training steps encode their trained prompts every step: token ids and SDXL's size ids come from caches
-    on the device, so the host queues the text encoders without draining the GPU's queue first."""
-    import warnings
-
-    backbone = request.getfixturevalue(model).to("cuda")
-    first = backbone.encode_prompt(["a red cat", "a dog"])
+@contextlib.contextmanager
+def host_waits() -> Iterator[list[tuple[str, int]]]:
+    """(file, line) of each call inside that made the host wait for the GPU (CUDA's sync debug mode), filled on
+    exit."""
+    waits: list[tuple[str, int]] = []
     torch.cuda.set_sync_debug_mode("warn")  # outside the record: the first call warns that the mode is on
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            again = backbone.encode_prompt(["a red cat", "a dog"])
+            yield waits
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert not [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    waits.extend((w.filename, w.lineno) for w in caught if "synchronizing" in str(w.message))
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+def test_encoding_a_prompt_seen_before_never_waits_for_the_gpu(model, request):
+    """Training steps encode their trained prompts every step: token ids and SDXL's size ids come from caches
+    on the device, so the host queues the text encoders without draining the GPU's queue first."""
+    backbone = request.getfixturevalue(model).to("cuda")
+    first = backbone.encode_prompt(["a red cat", "a dog"])
+    with host_waits() as waits:
+        again = backbone.encode_prompt(["a red cat", "a dog"])
+    assert not waits
     torch.testing.assert_close(again.hidden_states, first.hidden_states)
     if first.time_ids is not None:
         assert again.time_ids.tolist() == [[backbone.resolution] * 2 + [0, 0] + [backbone.resolution] * 2] * 2
@@ -303,7 +315,6 @@ def test_inversion_and_sampling_loops_never_wait_for_the_gpu(tiny):
     """Inside null-text inversion and DDIM sampling nothing copies to or from the host in a way that drains the
     GPU's queue (each such copy stalls a launch-bound batch-1 loop); only building a schedule moves tensors."""
     import inspect
-    import warnings
 
     from diffusion.inversion import null_text_inversion
     from diffusion.sampling import DDIMSchedule, ddim_invert, ddim_sample, initial_noise
@@ -313,18 +324,13 @@ def test_inversion_and_sampling_loops_never_wait_for_the_gpu(tiny):
     noise = initial_noise(tiny, 1, torch.Generator().manual_seed(0), device="cpu").to("cuda")
     trajectory = ddim_invert(tiny, ddim_sample(tiny, cond, noise, num_steps=4, guidance_scale=1.0), cond, 4)
     lines, first = inspect.getsourcelines(DDIMSchedule.__init__)
-    torch.cuda.set_sync_debug_mode("warn")  # outside the record, as above
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            schedule = null_text_inversion(tiny, trajectory, cond, 4, inner_steps=3, early_stop=0.0,
-                                           early_stop_growth=0.0, uncond=uncond)
-            ddim_sample(tiny, cond, trajectory[-1], schedule, num_steps=4)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    waits = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)
-             and not (w.filename == inspect.getsourcefile(DDIMSchedule) and first <= w.lineno < first + len(lines))]
-    assert schedule.iterations == [3] * 4 and not waits, waits
+    with host_waits() as waits:
+        schedule = null_text_inversion(tiny, trajectory, cond, 4, inner_steps=3, early_stop=0.0,
+                                       early_stop_growth=0.0, uncond=uncond)
+        ddim_sample(tiny, cond, trajectory[-1], schedule, num_steps=4)
+    outside_schedules = [(f, n) for f, n in waits
+                         if not (f == inspect.getsourcefile(DDIMSchedule) and first <= n < first + len(lines))]
+    assert schedule.iterations == [3] * 4 and not outside_schedules, outside_schedules
 
 
 def test_residuals_train_on_gpu(tiny_dir, image_folder, tmp_path):

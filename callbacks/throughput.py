@@ -41,7 +41,8 @@ class StepTimer(L.Callback):
         else:
             self._marks.append((batch_idx, time.perf_counter()))
         if self._collect(wait=False):
-            pl_module.log("perf/step_s", self.times[-1], batch_size=1)
+            # a CPU tensor: Lightning would copy a float to the module's device, a copy that waits for the GPU
+            pl_module.log("perf/step_s", torch.tensor(self.times[-1]), batch_size=1)
 
     def _collect(self, wait: bool) -> bool:
         """Turn consecutive marks the GPU has reached into step times (all of them when `wait`)."""

@@ -129,7 +129,8 @@ class DiffusionModule(L.LightningModule):
             self._posteriors.clear()
             missing = list(range(len(keys)))
         if missing:
-            mean, std = backbone.image_posterior(pixels[missing])
+            # stacked rows: a list index would be copied to the GPU, a copy that waits for the GPU's queue
+            mean, std = backbone.image_posterior(torch.stack([pixels[i] for i in missing]))
             self._posteriors.update({keys[i]: (m, s) for i, m, s in zip(missing, mean, std)})
         mean, std = (torch.stack(parts) for parts in zip(*(self._posteriors[key] for key in keys)))
         return backbone.posterior_latents(mean, std, g)

@@ -126,7 +126,7 @@ class ConceptSliderModule(DiffusionModule):
             target = slider_target(eps_n, eps_p, eps_m, scale)
         pred = eq5_prediction(backbone, latents, t, self.text(batch["target"])).float()  # with the LoRA on
         loss = F.mse_loss(pred, target)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        self.log("train/loss", loss, batch_size=len(batch["target"]))
         return loss
 
     @contextlib.contextmanager

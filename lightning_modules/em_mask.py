@@ -238,7 +238,7 @@ class EMMaskModule(DiffusionModule):
             loss = loss + self.joint.prior.weight * prior
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=1)
-        self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        self.log("train/loss", loss, batch_size=1)
         return loss
 
     def concept_loss(self, pixels: torch.Tensor, tokens: list[str], index: int, flip: bool

@@ -154,13 +154,13 @@ class PretrainModule(L.LightningModule):
         error = (recon.float() - pixels.float()).abs()
         rec = error.mean()
         if decoder_only:
-            self.log("vae/l1", rec, prog_bar=True)
+            self.log("vae/l1", rec)
             if self.hparams.object_weight > 0 and masks is not None:
                 objects = masks.sum(1, keepdim=True).clamp(max=1)
                 return (error * (1 + self.hparams.object_weight * objects)).mean()
             return rec
         kl = posterior.kl().mean()
-        self.log_dict({"vae/l1": rec, "vae/kl": kl}, prog_bar=True)
+        self.log_dict({"vae/l1": rec, "vae/kl": kl})
         return rec + self.hparams.kl_weight * kl
 
     def diffusion_loss(self, pixels: torch.Tensor, prompts: list[str], masks: torch.Tensor | None = None,
@@ -176,7 +176,7 @@ class PretrainModule(L.LightningModule):
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
         loss = F.mse_loss(pred.float(), noise.float())
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
         if self.attention_store is not None:
             roles = roles.masked_fill(drop.to(roles.device)[:, None], -1)  # a dropped caption names nothing
             token, pixel = self.attention_loss(masks, roles)
@@ -201,7 +201,7 @@ class PretrainModule(L.LightningModule):
             pixel = torch.stack([token_pixel_loss(torch.stack(maps).mean(0), regions, roles)
                                  for hw, (regions, maps) in by_size.items() if hw[0] in sides]).mean()
         self.log_dict({"train/attention": token, "train/attention_share": torch.stack(shares).mean(),
-                       "train/attention_pixel": pixel}, prog_bar=True)
+                       "train/attention_pixel": pixel})
         return token, pixel
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

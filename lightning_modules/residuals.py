@@ -98,7 +98,7 @@ class ResidualModule(DiffusionModule):
             prior = self.diffusion_loss(pixels, prompts, self.step_generator(offset=2))
             self.log("train/prior", prior.detach(), batch_size=len(prompts))
             loss = loss + float(self.prior_config["weight"]) * prior
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        self.log("train/loss", loss, batch_size=len(batch["prompt"]))
         return loss
 
     # ----- sampling -------------------------------------------------------------------------------

@@ -281,7 +281,7 @@ class SliderModule(DiffusionModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.visual_loss(batch) if self.mode == "visual" else self.textual_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.get("target", batch.get("prompt"))))
+        self.log("train/loss", loss, batch_size=len(batch.get("target", batch.get("prompt"))))
         return loss
 
     # ----- sampling ---------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class TextualInversionModule(DiffusionModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch["pixel_values"], [self.tokens.expand(p) for p in batch["prompt"]],
                                    keys=batch.get("image_key"))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        self.log("train/loss", loss, batch_size=len(batch["prompt"]))
         return loss
 
     def sampling_prompt(self, template: str, class_word: str) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import warnings
 from typing import Iterator
 
+import lightning as L
 import pytest
 import torch
 
@@ -331,6 +332,51 @@ def test_inversion_and_sampling_loops_never_wait_for_the_gpu(tiny):
     outside_schedules = [(f, n) for f, n in waits
                          if not (f == inspect.getsourcefile(DDIMSchedule) and first <= n < first + len(lines))]
     assert schedule.iterations == [3] * 4 and not outside_schedules, outside_schedules
+
+
+class WaitsPerBatch(L.Callback):
+    """Records host waits batch by batch (first in the trainer's list): each batch's record runs from its start
+    to the next batch's, so the loggers, the progress bar and the callbacks around a step count in it."""
+
+    def __init__(self, batches: range):
+        self.batches = batches
+        self.waits: dict[int, list[tuple[str, int]]] = {}
+        self._open = contextlib.ExitStack()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._open.close()
+        if batch_idx in self.batches:
+            self.waits[batch_idx] = self._open.enter_context(host_waits())
+
+    def on_train_end(self, trainer, pl_module):
+        self._open.close()
+
+
+@pytest.mark.parametrize("method,kind", [("textual_inversion", "sd"), ("prompt_slider", "sdxl")])
+def test_training_waits_for_the_gpu_only_when_it_reports(method, kind, tiny_dirs, image_folder, tmp_path):
+    """With every default callback and a logger, a training step queues its work without draining the GPU's
+    queue: only the batch that ends each 10-step interval (the progress bar, the logger and the finite check
+    read the device there) may wait. A wait every step would cap the step at host time plus GPU time."""
+    from hydra.utils import instantiate
+
+    from utils.config import entry_config, instantiate_list
+
+    overrides = {"textual_inversion": [f"data.images_dir={image_folder / 'images'}"],
+                 "prompt_slider": ["slider=age", "slider.templates.0.resolution=null", "module.pool.size=2",
+                                   "module.pool.num_steps=3"]}[method]
+    cfg = entry_config("train", [f"method={method}", f"model={'tiny' if kind == 'sd' else 'sdxl'}",
+                                 f"model.path={tiny_dirs[kind]}", "trainer=gpu", "trainer.max_steps=16",
+                                 "logger=csv", "callbacks.sample_grid=null", f"paths.output_dir={tmp_path / 'run'}",
+                                 *overrides])
+    assert cfg.trainer.log_every_n_steps == cfg.callbacks.progress_bar.refresh_rate == 10
+    assert cfg.callbacks.non_finite.every_n_steps == 10
+    recorder = WaitsPerBatch(range(4, 14))
+    trainer = instantiate(cfg.trainer, callbacks=[recorder, *instantiate_list(cfg.callbacks)],
+                          logger=instantiate_list(cfg.logger))
+    trainer.fit(instantiate(cfg.module), datamodule=instantiate(cfg.data))
+    assert sorted(recorder.waits) == list(range(4, 14))
+    waited = {batch: waits for batch, waits in recorder.waits.items() if waits}
+    assert set(waited) <= {9}, waited
 
 
 def test_residuals_train_on_gpu(tiny_dir, image_folder, tmp_path):

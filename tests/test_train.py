@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,15 @@ def test_csv_tensorboard_and_wandb_together(base, tmp_path):
     assert list((run / "wandb").glob("offline-run-*"))
 
 
+def test_the_progress_bar_shows_the_loss(base, tmp_path):
+    """The methods log their loss without prog_bar (Lightning would read it from the device every step); the
+    bar shows it, read when the bar refreshes."""
+    proc = run_train(*base, "callbacks.progress_bar.refresh_rate=2", "trainer.max_steps=4",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    shown = re.findall(r"4/4 \[.*?train/loss=([0-9.e+-]+)", proc.stdout)
+    assert shown and all(0 < float(v) < 10 for v in shown), proc.stdout[-2000:]
+
+
 @pytest.mark.parametrize("override, message", [
     (("model=sd15", "model.path=/nonexistent/sd15"), "model.path=/nonexistent/sd15 does not exist"),
     (("data.images_dir=/nonexistent/images",), "data.images_dir=/nonexistent/images is not a folder"),
@@ -193,6 +203,8 @@ def test_step_timer_times_steps_after_the_warmup(tmp_path):
         timer.on_train_batch_end(None, module, None, None, batch_idx)
     assert len(timer.times) == 3 and all(t >= 0.009 for t in timer.times)
     assert [name for name, _ in logged] == ["perf/step_s"] * 3
+    # CPU tensors: Lightning would copy a float to the module's device, and on a GPU that copy waits for the GPU
+    assert all(value.device.type == "cpu" and value.item() == t for (_, value), t in zip(logged, timer.times))
     timer.on_train_end(SimpleNamespace(is_global_zero=True), module)
     import json
     summary = json.loads((tmp_path / "timing.json").read_text())

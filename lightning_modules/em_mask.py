@@ -75,6 +75,7 @@ class EMMaskModule(DiffusionModule):
         self.tokens = torch.nn.ModuleList()
         self.weight_params: list[torch.nn.Parameter] = []
         self.scene_masks: list[dict[str, torch.Tensor]] | None = None  # per scene: token -> bool [H, W]
+        self._masks_on_device: tuple[list | None, list[dict[str, torch.Tensor]]] = (None, [])  # (of, copies)
         self.round = 0
         self.iou_log: list[dict] = []
         self.in_joint = False
@@ -223,7 +224,7 @@ class EMMaskModule(DiffusionModule):
             self.mask_round()
         if stage == "joint" and not self.in_joint:  # also when a run resumes inside the joint stage
             self.enter_joint_stage()
-        index, flip = int(batch["index"][0]), bool(batch["flip"][0])
+        index, flip = batch["index"][0], batch["flip"][0]  # host numbers (DiffusionModule.on_before_batch_transfer)
         record = self.scenes().records[index]
         if stage == "inversion":  # the unmasked warm start: the whole image under all its concepts
             loss = self.diffusion_loss(batch["pixel_values"], [self.concept_prompt(list(record.concepts))])
@@ -255,7 +256,7 @@ class EMMaskModule(DiffusionModule):
         store = self.estimator.attention_store(prompt, tokens, with_grad=True)
         with self.attention_hub().using(store):
             pred = backbone.predict(backbone.add_noise(latents, noise, t), t, cond)
-        masks = torch.stack([self.scene_masks[index][tok] for tok in tokens]).to(self.device)  # [n, H, W]
+        masks = self.training_masks(index, tokens)  # [n, H, W]
         if flip:
             masks = masks.flip(-1)
         union = downsample_mask(masks.any(0), latents.shape[-2])[None, None]
@@ -265,6 +266,14 @@ class EMMaskModule(DiffusionModule):
         attn_loss = cross_attention_loss(maps, small, self.losses.attention)
         loss = mask_loss + self.losses.attention_weight * attn_loss
         return loss, {"mask": mask_loss.detach(), "attention": attn_loss.detach()}
+
+    def training_masks(self, index: int, tokens: list[str]) -> torch.Tensor:
+        """Scene `index`'s masks of `tokens`, [n, H, W], from a copy of the training masks on the module's device
+        made once per set of masks (a copy from the host at every step would wait for the GPU's queue)."""
+        if self._masks_on_device[0] is not self.scene_masks:
+            copies = [{tok: mask.to(self.device) for tok, mask in scene.items()} for scene in self.scene_masks]
+            self._masks_on_device = (self.scene_masks, copies)
+        return torch.stack([self._masks_on_device[1][index][tok] for tok in tokens])
 
     # ----- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

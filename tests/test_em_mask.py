@@ -148,6 +148,18 @@ def test_em_loss_is_eq3_plus_eq4_by_hand(tiny_dir, scenes_dir, monkeypatch):
     assert torch.allclose(loss, eq3 + 1e-2 * eq4, rtol=1e-4)
 
 
+def test_training_masks_follow_each_new_set_of_masks(tiny_dir, scenes_dir):
+    """The loss reads a device copy of the training masks, made again whenever a round adopts new masks."""
+    module = em_module(tiny_dir, scenes_dir, masks="ground_truth")
+    module.scene_masks = [{t: m > 0.5 for t, m in masks.items()} for masks in module.scene_set.masks]
+    tokens = ["<s00_c0>", "<s00_bg>"]
+    first = module.training_masks(0, tokens)
+    assert first.dtype == torch.bool and torch.equal(first, torch.stack([module.scene_masks[0][t] for t in tokens]))
+    assert first.any() and not first.all()
+    module.scene_masks = [{t: ~m for t, m in scene.items()} for scene in module.scene_masks]  # a new round's
+    assert torch.equal(module.training_masks(0, tokens), ~first)
+
+
 def test_gradients_reach_only_what_the_stage_trains(tiny_dir, scenes_dir):
     module = em_module(tiny_dir, scenes_dir, masks="ground_truth", joint={"steps": 5, "weights": "lora"})
     module.scene_masks = [{t: m > 0.5 for t, m in masks.items()} for masks in module.scene_set.masks]
@@ -269,8 +281,9 @@ def test_joint_stage_adds_the_prior_preservation_loss(tiny_dir, scenes_dir, imag
     assert len(module.prior) == 4 and module.stage(0) == "joint"
     monkeypatch.setattr(module, "enter_joint_stage", lambda: setattr(module, "in_joint", True))
     module.log = lambda *args, **kwargs: None
-    batch = {"pixel_values": module.scene_set.images[0][None], "index": torch.tensor([0]),
-             "flip": torch.tensor([False])}
+    batch = module.on_before_batch_transfer({"pixel_values": module.scene_set.images[0][None],
+                                             "index": torch.tensor([0]), "flip": torch.tensor([False])}, 0)
+    assert batch["index"] == [0] and batch["flip"] == [False]  # host lists: the step reads them without a sync
     total = module.training_step(batch, 0)
     tokens = draw_subset(list(module.scene_set.records[0].concepts), module.step_generator(offset=1))
     concept, _ = module.concept_loss(batch["pixel_values"], tokens, 0, flip=False)

@@ -352,18 +352,26 @@ class WaitsPerBatch(L.Callback):
         self._open.close()
 
 
-@pytest.mark.parametrize("method,kind", [("textual_inversion", "sd"), ("prompt_slider", "sdxl")])
+@pytest.mark.parametrize("method,kind", [("textual_inversion", "sd"), ("prompt_slider", "sdxl"),
+                                         ("residuals", "sd"), ("em_mask", "sd")])
 def test_training_waits_for_the_gpu_only_when_it_reports(method, kind, tiny_dirs, image_folder, tmp_path):
     """With every default callback and a logger, a training step queues its work without draining the GPU's
     queue: only the batch that ends each 10-step interval (the progress bar, the logger and the finite check
-    read the device there) may wait. A wait every step would cap the step at host time plus GPU time."""
+    read the device there) may wait. A wait every step would cap the step at host time plus GPU time. (EM's
+    first mask round is at step 0, its next at step 50.)"""
     from hydra.utils import instantiate
 
     from utils.config import entry_config, instantiate_list
 
-    overrides = {"textual_inversion": [f"data.images_dir={image_folder / 'images'}"],
+    from datamodules.shapes.scenes import write_scene_set
+
+    images = f"data.images_dir={image_folder / 'images'}"
+    overrides = {"textual_inversion": [images],
                  "prompt_slider": ["slider=age", "slider.templates.0.resolution=null", "module.pool.size=2",
-                                   "module.pool.num_steps=3"]}[method]
+                                   "module.pool.num_steps=3"],
+                 "residuals": [images, "module.class_word=cat", "data.batch_size=2"],
+                 "em_mask": ["data.scenes_dir=" + str(write_scene_set(tmp_path / "scenes", count=2, resolution=64)),
+                             "module.em.timesteps=2", "module.em.update_timesteps=2"]}[method]
     cfg = entry_config("train", [f"method={method}", f"model={'tiny' if kind == 'sd' else 'sdxl'}",
                                  f"model.path={tiny_dirs[kind]}", "trainer=gpu", "trainer.max_steps=16",
                                  "logger=csv", "callbacks.sample_grid=null", f"paths.output_dir={tmp_path / 'run'}",

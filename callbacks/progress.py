@@ -8,11 +8,13 @@ the metrics it shows from the trainer's logged values every `refresh_rate` batch
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class ProgressBar(TQDMProgressBar):
-    def __init__(self, refresh_rate: int = 10, metrics: list[str] = ("train/loss",), **kwargs):
+    def __init__(self, refresh_rate: int = 10, metrics: Sequence[str] = ("train/loss",), **kwargs):
         super().__init__(refresh_rate=refresh_rate, **kwargs)
         self.metrics = tuple(metrics)
 

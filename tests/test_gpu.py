@@ -361,9 +361,8 @@ def test_training_waits_for_the_gpu_only_when_it_reports(method, kind, tiny_dirs
     first mask round is at step 0, its next at step 50.)"""
     from hydra.utils import instantiate
 
-    from utils.config import entry_config, instantiate_list
-
     from datamodules.shapes.scenes import write_scene_set
+    from utils.config import entry_config, instantiate_list
 
     images = f"data.images_dir={image_folder / 'images'}"
     overrides = {"textual_inversion": [images],

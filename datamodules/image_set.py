@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from datamodules.prompts import resolve_templates
-from datamodules.stream import IndexedStream, item_generator, pass_order_index, stream_position
+from datamodules.stream import IndexedStream, collate, item_generator, pass_order_index, stream_position
 from utils.errors import DataError
 from utils.io import read_json
 
@@ -203,4 +203,4 @@ class ImageSetDataModule(L.LightningDataModule):
         start, rank, world = stream_position(self.trainer)
         stream = IndexedStream(self.image_set, self.hparams.batch_size, start, rank, world)
         return DataLoader(stream, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+                          persistent_workers=self.hparams.num_workers > 0, collate_fn=collate)

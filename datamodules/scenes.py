@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.image_set import load_image, load_mask
-from datamodules.stream import IndexedStream, item_generator, pass_order_index, stream_position
+from datamodules.stream import IndexedStream, collate, item_generator, pass_order_index, stream_position
 from utils.errors import DataError
 from utils.io import read_json
 
@@ -116,4 +116,4 @@ class SceneDataModule(L.LightningDataModule):
         start, rank, world = stream_position(self.trainer)
         stream = IndexedStream(self.scenes, 1, start, rank, world)  # one scene per step, as Break-a-Scene
         return DataLoader(stream, batch_size=1, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+                          persistent_workers=self.hparams.num_workers > 0, collate_fn=collate)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+
+HOST_KEYS = ("index", "flip")  # item entries the training step reads on the host: which item, flipped or not
 
 
 class IndexedStream(IterableDataset):
@@ -31,6 +33,14 @@ class IndexedStream(IterableDataset):
             for k in range(first, first + self.batch_size):
                 yield self.make_item(k)
             step += workers
+
+
+def collate(items: list[dict]) -> dict:
+    """torch's default collate, except that item numbers and flips stay host lists: as tensors they would travel
+    to the GPU with the batch, and reading them back there makes the host wait for the GPU's queue every step."""
+    batch = default_collate([{k: v for k, v in item.items() if k not in HOST_KEYS} for item in items])
+    batch.update({k: [item[k] for item in items] for k in HOST_KEYS if k in items[0]})
+    return batch
 
 
 def pass_order_index(seed: int, k: int, n: int) -> int:

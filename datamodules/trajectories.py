@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from datamodules.image_set import ImageRecord, load_image, scan_image_set
-from datamodules.stream import IndexedStream, pass_order_index, stream_position
+from datamodules.stream import IndexedStream, collate, pass_order_index, stream_position
 from diffusion.backbone import Backbone
 from diffusion.inversion import Trajectory, invert_image
 from utils.errors import DataError
@@ -156,4 +156,4 @@ class TrajectoryDataModule(L.LightningDataModule):
         start, rank, world = stream_position(self.trainer)
         stream = IndexedStream(self.item, self.hparams.batch_size, start, rank, world)
         return DataLoader(stream, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+                          persistent_workers=self.hparams.num_workers > 0, collate_fn=collate)

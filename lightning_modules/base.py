@@ -28,7 +28,6 @@ from utils.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 POSTERIOR_CACHE_SIZE = 1024  # images (and their flips) whose VAE posteriors a module keeps
-HOST_KEYS = ("index", "flip")  # batch entries the host reads (which item, flipped or not): kept as host lists
 
 
 class DiffusionModule(L.LightningModule):
@@ -110,13 +109,6 @@ class DiffusionModule(L.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Item numbers and flips stay host lists: read back from the GPU, they would make the host wait for the
-        GPU's queue at every step."""
-        if isinstance(batch, dict):
-            return {k: v.tolist() if k in HOST_KEYS and torch.is_tensor(v) else v for k, v in batch.items()}
-        return batch
 
     def step_generator(self, offset: int = 0) -> torch.Generator:
         """A generator seeded by (seed, global step, rank): resumed runs draw the same numbers."""

@@ -224,7 +224,7 @@ class EMMaskModule(DiffusionModule):
             self.mask_round()
         if stage == "joint" and not self.in_joint:  # also when a run resumes inside the joint stage
             self.enter_joint_stage()
-        index, flip = batch["index"][0], batch["flip"][0]  # host numbers (DiffusionModule.on_before_batch_transfer)
+        index, flip = batch["index"][0], batch["flip"][0]  # host numbers (datamodules/stream.py's collate)
         record = self.scenes().records[index]
         if stage == "inversion":  # the unmasked warm start: the whole image under all its concepts
             loss = self.diffusion_loss(batch["pixel_values"], [self.concept_prompt(list(record.concepts))])

@@ -106,7 +106,7 @@ class StyleDiffusionModule(DiffusionModule):
         if len(batch["prompt"]) != 1:
             raise ConfigError(f"StyleDiffusion fits one image at a time; set data.batch_size=1 "
                               f"(got {len(batch['prompt'])})")
-        index = batch["index"][0]  # a host number (DiffusionModule.on_before_batch_transfer)
+        index = batch["index"][0]  # a host number (datamodules/stream.py's collate)
         datamodule = self.trainer.datamodule
         if index not in self.done:
             name = self._image_name(datamodule, index)

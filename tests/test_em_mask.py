@@ -281,9 +281,7 @@ def test_joint_stage_adds_the_prior_preservation_loss(tiny_dir, scenes_dir, imag
     assert len(module.prior) == 4 and module.stage(0) == "joint"
     monkeypatch.setattr(module, "enter_joint_stage", lambda: setattr(module, "in_joint", True))
     module.log = lambda *args, **kwargs: None
-    batch = module.on_before_batch_transfer({"pixel_values": module.scene_set.images[0][None],
-                                             "index": torch.tensor([0]), "flip": torch.tensor([False])}, 0)
-    assert batch["index"] == [0] and batch["flip"] == [False]  # host lists: the step reads them without a sync
+    batch = {"pixel_values": module.scene_set.images[0][None], "index": [0], "flip": [False]}  # as collated
     total = module.training_step(batch, 0)
     tokens = draw_subset(list(module.scene_set.records[0].concepts), module.step_generator(offset=1))
     concept, _ = module.concept_loss(batch["pixel_values"], tokens, 0, flip=False)

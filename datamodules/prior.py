@@ -24,6 +24,11 @@ class PriorImages:
         return len(self.images)
 
     def draw(self, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list[str]]:
-        """n images (with repetition when the folder is smaller) and their prompts."""
-        idx = torch.randint(0, len(self.images), (n,), generator=generator, device=generator.device).cpu()
-        return self.images[idx].to(device), [self.prompt] * n
+        """n images (with repetition when the folder is smaller) and their prompts. The picks come from a host
+        generator seeded as `generator` is, and the images go to a GPU through pinned memory: picks read back
+        from the GPU, or a copy from pageable memory, would make the host wait for the GPU's queue."""
+        host = torch.Generator().manual_seed(generator.initial_seed())
+        images = self.images[torch.randint(0, len(self.images), (n,), generator=host)]
+        if torch.device(device).type == "cuda":
+            images = images.pin_memory().to(device, non_blocking=True)
+        return images.to(device), [self.prompt] * n

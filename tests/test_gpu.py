@@ -368,7 +368,8 @@ def test_training_waits_for_the_gpu_only_when_it_reports(method, kind, tiny_dirs
     overrides = {"textual_inversion": [images],
                  "prompt_slider": ["slider=age", "slider.templates.0.resolution=null", "module.pool.size=2",
                                    "module.pool.num_steps=3"],
-                 "residuals": [images, "module.class_word=cat", "data.batch_size=2"],
+                 "residuals": [images, "module.class_word=cat", "data.batch_size=2",
+                               f"module.prior.images_dir={image_folder / 'images'}"],  # prior preservation too
                  "em_mask": ["data.scenes_dir=" + str(write_scene_set(tmp_path / "scenes", count=2, resolution=64)),
                              "module.em.timesteps=2", "module.em.update_timesteps=2"]}[method]
     cfg = entry_config("train", [f"method={method}", f"model={'tiny' if kind == 'sd' else 'sdxl'}",

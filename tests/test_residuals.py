@@ -126,6 +126,10 @@ def test_prior_images_add_their_loss(tiny_dir, image_folder):
     pixels, prompts = module.prior.draw(2, module.step_generator(offset=1), module.device)
     prior = module.diffusion_loss(pixels, prompts, module.step_generator(offset=2))
     torch.testing.assert_close(total, concept + 0.5 * prior)
+    # the picks follow the generator's seed (drawn on the host, whatever the generator's device)
+    draws = [module.prior.draw(8, torch.Generator().manual_seed(seed), "cpu")[0] for seed in (3, 3, 4)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert all(any(torch.equal(image, known) for known in module.prior.images) for image in draws[2])
 
 
 # ----- LAG ------------------------------------------------------------------------------------------

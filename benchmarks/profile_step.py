@@ -5,9 +5,10 @@
 Runs train.py (trainer=gpu, csv logger) with a callback that profiles steps [start, start + steps)
 and writes, in the run directory, `profile.txt` (operators and the module's record_function ranges,
 by CPU and by device time), with --trace `trace.json` (chrome://tracing), and `profile.json`: wall
-seconds per step, device-busy seconds per step (the sum of kernel times), their ratio and kernel
-launches per step. A ratio well under 1 means the step waits on the CPU (kernel launches, Python,
-synchronisations), not on the GPU.
+seconds per step, device-busy seconds per step (the sum of kernel times), their ratio, kernel
+launches per step and host waits per step (stream and event synchronisations: `.item()`, blocking copies).
+A ratio well under 1 means the step waits on the CPU (kernel launches, Python, synchronisations), not on the
+GPU; a host wait in every step keeps the host from queueing the next step while the GPU runs this one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
+WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize")  # torch's own waits (not the window's device syncs)
 
 
 class StepProfile(L.Callback):
@@ -51,6 +53,7 @@ class StepProfile(L.Callback):
         device_us = sum(e.self_device_time_total for e in events  # kernels, not the labelled ranges
                         if e.device_type.name == "CUDA" and not e.is_user_annotation)
         launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+        waits = sum(e.count for e in events if e.key in WAITS)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         with open(self.dirpath / "profile.txt", "w") as f:
             f.write(events.table(sort_by="cpu_time_total", row_limit=40) + "\n")
@@ -59,7 +62,8 @@ class StepProfile(L.Callback):
         if self.trace:
             self.prof.export_chrome_trace(str(self.dirpath / "trace.json"))
         summary = {"wall_s_per_step": wall, "device_busy_s_per_step": device_us / 1e6 / self.steps,
-                   "launches_per_step": launches / self.steps, "steps": self.steps}
+                   "launches_per_step": launches / self.steps, "host_waits_per_step": waits / self.steps,
+                   "steps": self.steps}
         summary["busy_fraction"] = summary["device_busy_s_per_step"] / wall
         (self.dirpath / "profile.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary), flush=True)

@@ -178,7 +178,8 @@ class PretrainModule(L.LightningModule):
         loss = F.mse_loss(pred.float(), noise.float())
         self.log("train/loss", loss)
         if self.attention_store is not None:
-            roles = roles.masked_fill(drop.to(roles.device)[:, None], -1)  # a dropped caption names nothing
+            # a dropped caption names nothing; an asynchronous copy: a blocking one would wait for the GPU's queue
+            roles = roles.masked_fill(drop.to(roles.device, non_blocking=True)[:, None], -1)
             token, pixel = self.attention_loss(masks, roles)
             loss = loss + self.hparams.attention_weight * token + self.hparams.pixel_weight * pixel
         return loss

@@ -353,7 +353,7 @@ class WaitsPerBatch(L.Callback):
 
 
 @pytest.mark.parametrize("method,kind", [("textual_inversion", "sd"), ("prompt_slider", "sdxl"),
-                                         ("residuals", "sd"), ("em_mask", "sd")])
+                                         ("residuals", "sd"), ("em_mask", "sd"), ("pretrain", None)])
 def test_training_waits_for_the_gpu_only_when_it_reports(method, kind, tiny_dirs, image_folder, tmp_path):
     """With every default callback and a logger, a training step queues its work without draining the GPU's
     queue: only the batch that ends each 10-step interval (the progress bar, the logger and the finite check
@@ -371,9 +371,12 @@ def test_training_waits_for_the_gpu_only_when_it_reports(method, kind, tiny_dirs
                  "residuals": [images, "module.class_word=cat", "data.batch_size=2",
                                f"module.prior.images_dir={image_folder / 'images'}"],  # prior preservation too
                  "em_mask": ["data.scenes_dir=" + str(write_scene_set(tmp_path / "scenes", count=2, resolution=64)),
-                             "module.em.timesteps=2", "module.em.update_timesteps=2"]}[method]
-    cfg = entry_config("train", [f"method={method}", f"model={'tiny' if kind == 'sd' else 'sdxl'}",
-                                 f"model.path={tiny_dirs[kind]}", "trainer=gpu", "trainer.max_steps=16",
+                             "module.em.timesteps=2", "module.em.update_timesteps=2"],
+                 "pretrain": ["module.vae_steps=2", "module.warmup=1", "data.batch_size=2", "data.num_workers=0",
+                              "module.unet.block_out_channels=[32,32,64]", "module.unet.norm_num_groups=32",
+                              "module.text_encoder.num_hidden_layers=1", "trainer.log_every_n_steps=10"]}[method]
+    model = [] if kind is None else [f"model={'tiny' if kind == 'sd' else 'sdxl'}", f"model.path={tiny_dirs[kind]}"]
+    cfg = entry_config("train", [f"method={method}", *model, "trainer=gpu", "trainer.max_steps=16",
                                  "logger=csv", "callbacks.sample_grid=null", f"paths.output_dir={tmp_path / 'run'}",
                                  *overrides])
     assert cfg.trainer.log_every_n_steps == cfg.callbacks.progress_bar.refresh_rate == 10

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
+from benchmarks.timing import run_timing  # noqa: E402
 from benchmarks.train_speed import render_images  # noqa: E402
 
 TOKEN, INITIALIZER = "<peer-concept>", "object"
@@ -185,7 +186,7 @@ def run_ours(args, batch: int, images: Path, out: Path) -> dict:
            "callbacks.sample_grid=null", f"callbacks.step_timer.warmup={args.warmup}",
            f"module.token.initializer={INITIALIZER}", *args.overrides]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((run / "timing.json").read_text())
+    return run_timing(run)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ and prints a markdown table of median seconds per step and peak GPU memory (from
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(ROOT / "benchmarks"))
+
+from timing import run_timing  # noqa: E402
+
 RESOLUTION = {"sd15_random": 512, "sdxl_random": 1024, "tiny": 64}
 
 
@@ -51,8 +54,7 @@ def main() -> None:
                    f"hydra.run.dir={run}", "callbacks.model_checkpoint.every_n_train_steps=0", *args.overrides]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
-            timing = json.loads((run / "timing.json").read_text())
-            rows.append((model, timing))
+            rows.append((model, run_timing(run)))
     print("\n| method | model | device | precision | median s/step | steps/s | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for model, t in rows:

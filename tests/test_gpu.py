@@ -365,13 +365,13 @@ def test_training_waits_for_the_gpu_only_when_it_reports(method, kind, tiny_dirs
     from utils.config import entry_config, instantiate_list
 
     images = f"data.images_dir={image_folder / 'images'}"
+    scenes = write_scene_set(tmp_path / "scenes", count=2, resolution=64) if method == "em_mask" else None
     overrides = {"textual_inversion": [images],
                  "prompt_slider": ["slider=age", "slider.templates.0.resolution=null", "module.pool.size=2",
                                    "module.pool.num_steps=3"],
                  "residuals": [images, "module.class_word=cat", "data.batch_size=2",
                                f"module.prior.images_dir={image_folder / 'images'}"],  # prior preservation too
-                 "em_mask": ["data.scenes_dir=" + str(write_scene_set(tmp_path / "scenes", count=2, resolution=64)),
-                             "module.em.timesteps=2", "module.em.update_timesteps=2"],
+                 "em_mask": [f"data.scenes_dir={scenes}", "module.em.timesteps=2", "module.em.update_timesteps=2"],
                  "pretrain": ["module.vae_steps=2", "module.warmup=1", "data.batch_size=2", "data.num_workers=0",
                               "module.unet.block_out_channels=[32,32,64]", "module.unet.norm_num_groups=32",
                               "module.text_encoder.num_hidden_layers=1", "trainer.log_every_n_steps=10"]}[method]

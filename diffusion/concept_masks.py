@@ -193,9 +193,10 @@ class MaskEstimator:
 
 
 def draw_subset(tokens: list[str], g: torch.Generator) -> list[str]:
-    """A random non-empty subset of a scene's concepts, in the scene's order (Break-a-Scene's M-step prompts)."""
-    k = int(torch.randint(1, len(tokens) + 1, (1,), generator=g, device=g.device))
-    chosen = torch.randperm(len(tokens), generator=g, device=g.device)[:k].sort().values.tolist()
+    """A random non-empty subset of a scene's concepts, in the scene's order (Break-a-Scene's M-step prompts).
+    `g` is a CPU generator: the prompt is made on the host."""
+    k = int(torch.randint(1, len(tokens) + 1, (1,), generator=g))
+    chosen = torch.randperm(len(tokens), generator=g)[:k].sort().values.tolist()
     return [tokens[i] for i in chosen]
 
 

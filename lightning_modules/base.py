@@ -110,10 +110,12 @@ class DiffusionModule(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def step_generator(self, offset: int = 0) -> torch.Generator:
-        """A generator seeded by (seed, global step, rank): resumed runs draw the same numbers."""
+    def step_generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+        """A generator seeded by (seed, global step, rank): resumed runs draw the same numbers. On the module's
+        device by default; `device="cpu"` for choices the host must know (how many steps, which tokens), which
+        a GPU generator could only give by making the host wait for the GPU's queue."""
         seed = (self.seed * 1_000_003 + self.global_step * 65_537 + self.global_rank * 257 + offset) % (2 ** 63)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=self.device if device is None else device).manual_seed(seed)
 
     def image_latents(self, pixels: torch.Tensor, g: torch.Generator | None,
                       keys: Sequence[str] | None = None) -> torch.Tensor:

@@ -103,7 +103,8 @@ class ConceptSliderModule(DiffusionModule):
         backbone = self.backbone
         if not self.is_flow:
             return denoise_partially(backbone, self.text(targets), self.text([""]), self.denoise_steps,
-                                     self.denoise_guidance, g, self.resolution)  # with the LoRA on
+                                     self.denoise_guidance, g, self.step_generator(offset=1, device="cpu"),
+                                     self.resolution)  # with the LoRA on
         z0 = self.pooled_latents(list(targets), g).float()
         noise = torch.randn(z0.shape, generator=g, device=self.device, dtype=torch.float32)
         t = backbone.sample_timesteps(len(targets), g).to(self.device)

@@ -230,7 +230,7 @@ class EMMaskModule(DiffusionModule):
             loss = self.diffusion_loss(batch["pixel_values"], [self.concept_prompt(list(record.concepts))])
             parts = {"diffusion": loss.detach()}
         else:  # the subset's stream is offset 1; offset 0 draws the noise
-            tokens = draw_subset(list(record.concepts), self.step_generator(offset=1))
+            tokens = draw_subset(list(record.concepts), self.step_generator(offset=1, device="cpu"))
             loss, parts = self.concept_loss(batch["pixel_values"], tokens, index, flip)
         if stage == "joint" and self.prior is not None:  # prior preservation (Break-a-Scene's second phase)
             pixels, prompts = self.prior.draw(len(batch["index"]), self.step_generator(offset=2), self.device)

@@ -125,13 +125,13 @@ class TextCache:
 
 @torch.no_grad()
 def denoise_partially(backbone: Backbone, cond: Conditioning, uncond: Conditioning, num_steps: int,
-                      guidance_scale: float, g: torch.Generator, resolution: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concept Sliders' z_t: fresh noise denoised k ~ U{1..N-1} of N DDIM steps (one k per sample), and t_k."""
+                      guidance_scale: float, g: torch.Generator, host: torch.Generator,
+                      resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concept Sliders' z_t: fresh noise (from `g`) denoised k ~ U{1..N-1} of N DDIM steps (one k per sample,
+    from the CPU generator `host`: the sampling loop needs k on the host), and t_k."""
     schedule = DDIMSchedule(backbone.scheduler.config, num_steps)
     out, ts = [], []
-    for i in range(len(cond)):
-        k = int(torch.randint(1, num_steps, (1,), generator=g, device=g.device))
+    for i, k in enumerate(torch.randint(1, num_steps, (len(cond),), generator=host).tolist()):
         noise = initial_noise(backbone, 1, g, backbone.device, resolution)
         c = cond.map(lambda x, i=i: x[i:i + 1])
         out.append(ddim_sample(backbone, c, noise, uncond, num_steps, guidance_scale, stop_step=k))
@@ -260,7 +260,8 @@ class SliderModule(DiffusionModule):
         cfg = self.reference_code
         cond = self.backbone.encode_prompt([self.trained_prompt(p) for p in targets])
         return denoise_partially(self.backbone, cond, self.frozen_text([""]), cfg.denoise_steps,
-                                 cfg.denoise_guidance, g, self.resolution)
+                                 cfg.denoise_guidance, g, self.step_generator(offset=1, device="cpu"),
+                                 self.resolution)
 
     def visual_loss(self, batch: dict) -> torch.Tensor:
         """eq. (6): ||eps - eps(z_t^A, c_t + alpha S)||^2 + ||eps - eps(z_t^B, c_t - alpha S)||^2."""

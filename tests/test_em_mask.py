@@ -124,7 +124,7 @@ def test_em_loss_is_eq3_plus_eq4_by_hand(tiny_dir, scenes_dir, monkeypatch):
     module.scene_masks = [{t: m > 0.5 for t, m in masks.items()} for masks in module.scene_set.masks]
     tokens = ["<s00_c0>", "<s00_bg>"]
     pixels = module.scene_set.images[0][None]
-    monkeypatch.setattr(module, "step_generator", lambda offset=0: torch.Generator().manual_seed(5))
+    monkeypatch.setattr(module, "step_generator", lambda offset=0, device=None: torch.Generator().manual_seed(5))
     prompt = module.concept_prompt(tokens)
     assert prompt == "a photo of <s00_c0> and <s00_bg>"
     positions = module.token_positions(prompt, tokens)
@@ -283,7 +283,7 @@ def test_joint_stage_adds_the_prior_preservation_loss(tiny_dir, scenes_dir, imag
     module.log = lambda *args, **kwargs: None
     batch = {"pixel_values": module.scene_set.images[0][None], "index": [0], "flip": [False]}  # as collated
     total = module.training_step(batch, 0)
-    tokens = draw_subset(list(module.scene_set.records[0].concepts), module.step_generator(offset=1))
+    tokens = draw_subset(list(module.scene_set.records[0].concepts), module.step_generator(offset=1, device="cpu"))
     concept, _ = module.concept_loss(batch["pixel_values"], tokens, 0, flip=False)
     pixels, prompts = module.prior.draw(1, module.step_generator(offset=2), module.device)
     class_loss = module.diffusion_loss(pixels, prompts, module.step_generator(offset=3))

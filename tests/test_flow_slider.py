@@ -75,7 +75,7 @@ def test_slider_loss_is_eq5_on_frozen_velocities(kind, flow_dirs, monkeypatch):
     randomise_rows(tokens)
     z0 = torch.randn(1, backbone.latent_channels, 32, 32, generator=torch.Generator().manual_seed(2))
     module.pool.latents[PROMPT] = z0
-    monkeypatch.setattr(module, "step_generator", lambda offset=0: torch.Generator().manual_seed(7))
+    monkeypatch.setattr(module, "step_generator", lambda offset=0, device=None: torch.Generator().manual_seed(7))
     loss = module.textual_loss(slider_batch(SIZE, "cat"))
 
     g = torch.Generator().manual_seed(7)

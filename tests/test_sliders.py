@@ -127,7 +127,7 @@ def test_textual_loss_is_eq5_by_hand(tiny_dir, monkeypatch, action):
     batch = slider_batch(template, "red circle")
     z0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(2))
     module.pool.latents["a red circle"] = z0
-    monkeypatch.setattr(module, "step_generator", lambda offset=0: torch.Generator().manual_seed(7))
+    monkeypatch.setattr(module, "step_generator", lambda offset=0, device=None: torch.Generator().manual_seed(7))
     loss = module.textual_loss(batch)
 
     g = torch.Generator().manual_seed(7)
@@ -177,6 +177,28 @@ def test_reference_code_variant_trains_without_alpha(tiny_dir, monkeypatch):
     loss = module.textual_loss(slider_batch(SIZE, "red circle"))
     assert torch.isfinite(loss) and module.pool.latents == {}
     assert all(s is None for s in scales)
+
+
+def test_partial_denoising_takes_its_stop_steps_from_the_host_generator(tiny_dir):
+    """k ~ U{1..N-1} per sample comes from the CPU generator alone (the loop needs k on the host); the noise
+    from the other generator."""
+    from diffusion.sampling import DDIMSchedule
+    from lightning_modules.slider import denoise_partially
+
+    module = slider_module(tiny_dir, variant="reference_code")
+    backbone, uncond = module.backbone, module.frozen_text([""])
+    cond = module.frozen_text(["a red circle", "a blue star", "a red star"])
+
+    def run(noise_seed, host_seed):
+        return denoise_partially(backbone, cond, uncond, 5, 2.0, torch.Generator().manual_seed(noise_seed),
+                                 torch.Generator().manual_seed(host_seed))
+
+    latents, t = run(0, 3)
+    ks = torch.randint(1, 5, (3,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(t, DDIMSchedule(backbone.scheduler.config, 5).timesteps[ks])
+    other_noise, same_t = run(1, 3)
+    assert torch.equal(same_t, t) and not torch.allclose(other_noise, latents)
+    assert torch.equal(run(0, 3)[0], latents)
 
 
 def test_erasing_reads_the_original_word_for_the_frozen_predictions(tiny_dir):

@@ -25,16 +25,17 @@ class DDIMSchedule:
 
     The alphas, and the timesteps' copy that `timestep` reads, live on `device`: a sampling or inversion step
     then moves nothing from the host, and a blocking host-to-device copy (which waits for all queued GPU work)
-    never stalls the loop."""
+    never stalls the loop. The copies here are asynchronous too: a training step may make a schedule each time
+    (Concept Sliders' partial denoising)."""
 
     def __init__(self, scheduler_config, num_steps: int, device: torch.device | str | None = None):
         scheduler = DDIMScheduler.from_config(scheduler_config)
         scheduler.set_timesteps(num_steps)
         self.num_steps = num_steps
         self.timesteps = scheduler.timesteps.long()  # t_0 > t_1 > ... (index 0 is the noisiest), on the host
-        self.device_timesteps = self.timesteps.to(device)
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-        self.final_alpha = scheduler.final_alpha_cumprod.to(device)
+        self.device_timesteps = self.timesteps.to(device, non_blocking=True)
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(device, non_blocking=True)
+        self.final_alpha = scheduler.final_alpha_cumprod.to(device, non_blocking=True)
 
     def timestep(self, index: int) -> torch.Tensor:
         """t of step `index` on the schedule's device (a 0-dim tensor)."""

@@ -270,6 +270,20 @@ class AttentionHub(ProcessorHub):
 
 
 # ----- recording ---------------------------------------------------------------------------------
+class KeyPositions:
+    """The key (text) positions a store keeps, as an index moved to the maps' device once and asynchronously:
+    indexing with a Python list copies the list from the host at every call, a copy that waits for the GPU."""
+
+    def __init__(self, positions: Sequence[int]):
+        self.positions = [int(p) for p in positions]
+        self._index = torch.tensor(self.positions, dtype=torch.long)
+
+    def select(self, maps: torch.Tensor) -> torch.Tensor:
+        if self._index.device != maps.device:
+            self._index = self._index.to(maps.device, non_blocking=True)
+        return maps.index_select(-1, self._index)
+
+
 class AttentionStore(AttentionController):
     """Records attention maps of chosen layers.
 
@@ -290,7 +304,7 @@ class AttentionStore(AttentionController):
         self.blocks = set(blocks)
         self.resolutions = None if resolutions is None else set(resolutions)
         self.cond_only, self.with_grad = cond_only, with_grad
-        self.token_indices = None if token_indices is None else list(token_indices)
+        self.token_indices = None if token_indices is None else KeyPositions(token_indices)
         self.average_heads, self.average_steps = average_heads, average_steps
         self.reset()
 
@@ -307,7 +321,7 @@ class AttentionStore(AttentionController):
             return probs
         m = cond_half(probs, call.state) if self.cond_only else probs
         if self.token_indices is not None:
-            m = m[..., self.token_indices]
+            m = self.token_indices.select(m)
         if self.average_heads:
             m = m.mean(dim=1)
         if not self.with_grad:

@@ -92,9 +92,13 @@ class Backbone(VAELatents, nn.Module):
 
     # ----- text --------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], index: int = 0) -> torch.Tensor:
-        """Padded token ids [B, max length] on the backbone's device. Each prompt is tokenized once per
-        vocabulary (training prompts repeat every few steps, and CLIP's BPE runs in Python on every call);
-        adding a token (a placeholder) starts a new cache."""
+        """Padded token ids [B, max length] on the backbone's device (see `token_id_rows`)."""
+        return self.token_id_rows(prompts, index).to(self.device, non_blocking=True)
+
+    def token_id_rows(self, prompts: Sequence[str], index: int = 0) -> torch.Tensor:
+        """Padded token ids [B, max length] on the host. Each prompt is tokenized once per vocabulary (training
+        prompts repeat every few steps, and CLIP's BPE runs in Python on every call); adding a token (a
+        placeholder) starts a new cache."""
         tok = self.tokenizers[index]
         cache = self._token_ids.setdefault((index, len(tok)), {})
         new = [p for p in dict.fromkeys(prompts) if p not in cache]
@@ -104,7 +108,7 @@ class Backbone(VAELatents, nn.Module):
             ids = tok(new, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
             cache.update(zip(new, ids))
-        return torch.stack([cache[p] for p in prompts]).to(self.device, non_blocking=True)
+        return torch.stack([cache[p] for p in prompts])
 
     def encode_prompt(self, prompts: Sequence[str] | str) -> Conditioning:
         """Text conditioning as the pipelines compute it (SDXL: penultimate layers + pooled)."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.attention import (AttentionRefine, AttentionReplace, AttentionReweight, ProcessorHub,
+from diffusion.attention import (AttentionRefine, AttentionReplace, AttentionReweight, KeyPositions, ProcessorHub,
                                  PromptToPromptEdit, prompt_words, refinement_mapper, replacement_mapper,
                                  word_token_indices)
 from diffusion.conditioning import Conditioning
@@ -395,7 +395,7 @@ class FlowAttentionStore(FlowAttentionController):
         self.streams = set(streams)
         self.blocks = None if blocks is None else set(blocks)
         self.resolution, self.cond_only, self.with_grad = resolution, cond_only, with_grad
-        self.token_indices = None if token_indices is None else list(token_indices)
+        self.token_indices = None if token_indices is None else KeyPositions(token_indices)
         self.reset()
 
     def reset(self) -> None:
@@ -408,7 +408,7 @@ class FlowAttentionStore(FlowAttentionController):
     def __call__(self, maps: torch.Tensor, call: FlowAttentionCall) -> torch.Tensor:
         m = cond_half(maps, call.state) if self.cond_only else maps
         if self.token_indices is not None:
-            m = m[..., self.token_indices]
+            m = self.token_indices.select(m)
         m = m.mean(dim=1)
         m = m if self.with_grad else m.detach()
         hw = call.hw

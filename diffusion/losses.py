@@ -49,8 +49,11 @@ def token_attention_loss(maps: torch.Tensor, regions: torch.Tensor,
     maps = maps.float()
     inside = torch.einsum("bpk,brp->bkr", maps, regions)
     share = inside.gather(-1, roles.clamp(min=0)[..., None])[..., 0] / maps.sum(1).clamp_min(1e-8)
-    valid = roles >= 0
-    return ((1 - share[valid]) ** 2).mean(), share[valid].detach().mean()
+    # means over the tokens with a role by weights, not by boolean indexing (which waits for the GPU to count);
+    # none with a role: both 0
+    valid = (roles >= 0).float()
+    count = valid.sum().clamp_min(1)
+    return ((1 - share) ** 2 * valid).sum() / count, (share.detach() * valid).sum() / count
 
 
 def token_pixel_loss(maps: torch.Tensor, regions: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
@@ -61,10 +64,9 @@ def token_pixel_loss(maps: torch.Tensor, regions: torch.Tensor, roles: torch.Ten
 
     maps [B, h*w, K] cross-attention (heads and the resolution's layers averaged), regions [B, R, h*w],
     roles [B, K] (the region each token names, -1 for none)."""
-    valid = roles >= 0
-    if not valid.any():
-        return maps.sum() * 0.0
+    valid = (roles >= 0).float()[..., None]  # weights, not a boolean index (as token_attention_loss); none: 0
     target = regions.gather(1, roles.clamp(min=0)[..., None].expand(-1, -1, regions.shape[-1])) > 0  # [B, K, h*w]
     probs = maps.float().transpose(1, 2)  # [B, K, h*w]
     with torch.autocast(probs.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
-        return F.binary_cross_entropy(probs[valid].clamp(0, 1), target[valid].float())
+        bce = F.binary_cross_entropy(probs.clamp(0, 1), target.float(), reduction="none")
+    return (bce * valid).sum() / (valid.sum() * bce.shape[-1]).clamp_min(1)

@@ -68,6 +68,7 @@ class TokenRows(nn.Module):
         ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=embedding.weight.device)
         self.rows = nn.Parameter(embedding.weight.detach()[ids].float().clone())
         self.register_buffer("token_ids", ids, persistent=False)
+        self.ids = tuple(int(i) for i in token_ids)  # the host's copy: reading the buffer would wait for the GPU
         self.scale: float | torch.Tensor | None = None
         self.enabled = True
         self._embedding = [embedding]  # a list: not a submodule, so not part of this module's state

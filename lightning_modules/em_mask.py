@@ -148,8 +148,8 @@ class EMMaskModule(DiffusionModule):
         return self.prompt.replace("{}", self.joiner.join(tokens))
 
     def token_positions(self, prompt: str, tokens: list[str]) -> list[int]:
-        ids = self.backbone.tokenize([prompt])[0].tolist()
-        token_ids = [int(self.tokens[self.concepts.index(t)].rows[0].token_ids[0]) for t in tokens]
+        ids = self.backbone.token_id_rows([prompt])[0].tolist()
+        token_ids = [self.tokens[self.concepts.index(t)].rows[0].ids[0] for t in tokens]
         return [ids.index(i) for i in token_ids]
 
     def scenes(self):
@@ -271,7 +271,8 @@ class EMMaskModule(DiffusionModule):
         """Scene `index`'s masks of `tokens`, [n, H, W], from a copy of the training masks on the module's device
         made once per set of masks (a copy from the host at every step would wait for the GPU's queue)."""
         if self._masks_on_device[0] is not self.scene_masks:
-            copies = [{tok: mask.to(self.device) for tok, mask in scene.items()} for scene in self.scene_masks]
+            copies = [{tok: mask.to(self.device, non_blocking=True) for tok, mask in scene.items()}
+                      for scene in self.scene_masks]
             self._masks_on_device = (self.scene_masks, copies)
         return torch.stack([self._masks_on_device[1][index][tok] for tok in tokens])
 

@@ -79,7 +79,7 @@ class ResidualModule(DiffusionModule):
                                      fill_template(self.prior_config["prompt"], self.class_word), backbone.resolution)
 
     def token_ids(self) -> list[int]:
-        return [int(i) for i in self.tokens.rows[0].token_ids]
+        return list(self.tokens.rows[0].ids)
 
     @property
     def concept(self) -> str:

@@ -136,7 +136,7 @@ def denoise_partially(backbone: Backbone, cond: Conditioning, uncond: Conditioni
         c = cond.map(lambda x, i=i: x[i:i + 1])
         out.append(ddim_sample(backbone, c, noise, uncond, num_steps, guidance_scale, stop_step=k))
         ts.append(schedule.timesteps[k])
-    return torch.cat(out).to(backbone.dtype), torch.stack(ts).to(backbone.device)
+    return torch.cat(out).to(backbone.dtype), torch.stack(ts).to(backbone.device, non_blocking=True)
 
 
 class SliderModule(DiffusionModule):

@@ -306,7 +306,11 @@ def test_token_attention_loss_by_hand():
     focused = torch.zeros(1, 4, 3)
     focused[0, 0, 0] = focused[0, 1:, 1] = 1.0
     assert token_attention_loss(focused, regions, roles)[0].item() == pytest.approx(0.0)
-
+    # a batch whose captions were all dropped names nothing: 0, not the NaN of an empty mean
+    maps.requires_grad_(True)
+    loss, share = token_attention_loss(maps, regions, torch.full((1, 3), -1))
+    loss.backward()
+    assert (loss.item(), share.item()) == (0.0, 0.0) and torch.equal(maps.grad, torch.zeros_like(maps))
 
 
 def test_token_pixel_loss_by_hand_rewards_covering_the_region():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -28,6 +29,16 @@ from utils.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 POSTERIOR_CACHE_SIZE = 1024  # images (and their flips) whose VAE posteriors a module keeps
+
+
+@dataclass
+class LossBatch:
+    """Images in [-1, 1], their prompts, the generator of their noise and timesteps (None: the step's) and the
+    images' keys (DiffusionModule.image_latents)."""
+    pixels: torch.Tensor
+    prompts: Sequence[str]
+    generator: torch.Generator | None = None
+    keys: Sequence[str] | None = None
 
 
 class DiffusionModule(L.LightningModule):
@@ -144,12 +155,28 @@ class DiffusionModule(L.LightningModule):
         rectified-flow backbone (SD3, FLUX) the flow-matching loss || (noise - z) - v_theta(z_t, t, c(y)) ||^2
         with logit-normal t (Esser et al. 2024, eq. 3 and Sec. 3.1). Noise and timesteps come from `generator`
         (default: this step's), timesteps as the backbone samples them; `keys` name the images (image_latents)."""
-        backbone, g = self.backbone, generator or self.step_generator()
-        latents = self.image_latents(pixels, g, keys)
-        noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
-        t = backbone.sample_timesteps(latents.shape[0], g)
-        pred = backbone.predict(backbone.add_noise(latents, noise, t), t, backbone.encode_prompt(list(prompts)))
-        return F.mse_loss(pred.float(), backbone.training_target(latents, noise, t).float())
+        return self.diffusion_losses([LossBatch(pixels, prompts, generator, keys)])[0]
+
+    def diffusion_losses(self, batches: Sequence[LossBatch]) -> list[torch.Tensor]:
+        """`diffusion_loss` of each batch, from one UNet call over all of them (as DreamBooth's prior preservation
+        joins instance and class images): one graph replay a step, where two calls of one signature would leave
+        the second eager. Each batch draws its noise and timesteps from its own generator, as alone."""
+        backbone, parts = self.backbone, []
+        for batch in batches:
+            g = batch.generator or self.step_generator()
+            latents = self.image_latents(batch.pixels, g, batch.keys)
+            noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
+            parts.append((latents, noise, backbone.sample_timesteps(latents.shape[0], g)))
+        joined = len({latents.shape[1:] for latents, _, _ in parts}) == 1  # else latents of other sizes: a call each
+        losses = []
+        for group in [range(len(parts))] if joined else [[i] for i in range(len(parts))]:
+            latents, noise, t = (torch.cat(x) for x in zip(*(parts[i] for i in group)))
+            prompts = [p for i in group for p in batches[i].prompts]
+            pred = backbone.predict(backbone.add_noise(latents, noise, t), t, backbone.encode_prompt(prompts))
+            target = backbone.training_target(latents, noise, t)
+            sizes = [len(parts[i][0]) for i in group]
+            losses += [F.mse_loss(p.float(), q.float()) for p, q in zip(pred.split(sizes), target.split(sizes))]
+        return losses
 
     # ----- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

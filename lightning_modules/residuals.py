@@ -31,7 +31,7 @@ from diffusion.backbone import Backbone
 from diffusion.lora import LORA_FILE, save_lora
 from diffusion.residuals import ADAPTER, INFO_FILE, ResidualSampler, add_residuals
 from diffusion.tokens import PlaceholderTokens, fill_template
-from lightning_modules.base import DiffusionModule
+from lightning_modules.base import DiffusionModule, LossBatch
 from utils.errors import ConfigError
 from utils.io import write_json
 
@@ -91,13 +91,15 @@ class ResidualModule(DiffusionModule):
 
     # ----- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch["pixel_values"], batch["prompt"], keys=batch.get("image_key"))  # eq. (1)
-        self.log("train/concept", loss.detach(), batch_size=len(batch["prompt"]))
-        if self.prior is not None:
+        batches = [LossBatch(batch["pixel_values"], batch["prompt"], keys=batch.get("image_key"))]  # eq. (1)
+        if self.prior is not None:  # the class images join the concept's in one UNet call
             pixels, prompts = self.prior.draw(len(batch["prompt"]), self.step_generator(offset=1), self.device)
-            prior = self.diffusion_loss(pixels, prompts, self.step_generator(offset=2))
-            self.log("train/prior", prior.detach(), batch_size=len(prompts))
-            loss = loss + float(self.prior_config["weight"]) * prior
+            batches.append(LossBatch(pixels, prompts, self.step_generator(offset=2)))
+        loss, *prior = self.diffusion_losses(batches)
+        self.log("train/concept", loss.detach(), batch_size=len(batch["prompt"]))
+        if prior:
+            self.log("train/prior", prior[0].detach(), batch_size=len(batch["prompt"]))
+            loss = loss + float(self.prior_config["weight"]) * prior[0]
         self.log("train/loss", loss, batch_size=len(batch["prompt"]))
         return loss
 

@@ -117,15 +117,30 @@ def test_only_the_residuals_train_and_the_token_when_asked(tiny_dir, train_token
 
 
 def test_prior_images_add_their_loss(tiny_dir, image_folder):
+    from lightning_modules.base import LossBatch
+
     module = residual_module(tiny_dir, prior={"images_dir": str(image_folder / "images"), "weight": 0.5})
     assert len(module.prior) == 4 and module.prior.prompt == "a photo of a cat"
     batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "prompt": [PROMPTS[0]] * 2}
     module.log = lambda *args, **kwargs: None
+    calls = []
+    predict = module.backbone.predict
+    module.backbone.predict = lambda latents, *args, **kwargs: calls.append(len(latents)) or predict(latents, *args,
+                                                                                                      **kwargs)
     total = module.training_step(batch, 0)
+    assert calls == [4]  # concept and class images in one UNet call
     concept = module.diffusion_loss(batch["pixel_values"], batch["prompt"])
     pixels, prompts = module.prior.draw(2, module.step_generator(offset=1), module.device)
     prior = module.diffusion_loss(pixels, prompts, module.step_generator(offset=2))
     torch.testing.assert_close(total, concept + 0.5 * prior)
+    # images of another size: a call each, the same losses
+    small = torch.rand(2, 3, 32, 32) * 2 - 1
+    calls.clear()
+    losses = module.diffusion_losses([LossBatch(batch["pixel_values"], batch["prompt"]),
+                                      LossBatch(small, prompts, module.step_generator(offset=2))])
+    assert calls == [2, 2]
+    torch.testing.assert_close(losses[0], concept)
+    torch.testing.assert_close(losses[1], module.diffusion_loss(small, prompts, module.step_generator(offset=2)))
     # the picks follow the generator's seed (drawn on the host, whatever the generator's device)
     draws = [module.prior.draw(8, torch.Generator().manual_seed(seed), "cpu")[0] for seed in (3, 3, 4)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])

@@ -19,7 +19,9 @@ matrix products):
   embeddings), in turns, median over `--repeats` after one warm-up round. Seconds per step = pass / T.
 
 The paper gives 0.30 s (StyleDiffusion) against 0.28 s (null-text) per editing step; the target here
-is StyleDiffusion's step within 10% of null-text's. Writes <out>/speed.json.
+is StyleDiffusion's step within 10% of null-text's. `--first-calls` first times the first eager UNet calls of
+the process (where one-time set-up goes), `--no-cudnn-attention` keeps attention off cuDNN's fused kernel. Writes
+<out>/speed.json.
 """
 
 from __future__ import annotations
@@ -101,6 +103,29 @@ def null_text_variants(backbone, image: torch.Tensor, z0: torch.Tensor, w: float
     return rows
 
 
+def first_call_seconds(backbone, calls: int = 3) -> dict:
+    """Seconds of the first `calls` eager bf16 UNet forwards (no grad) and forwards + backwards to the text
+    states at batch 1, in that order: the first of each pays the kernels' one-time set-up (cuDNN's plans)."""
+    backbone.to(torch.bfloat16)
+    cond = backbone.encode_prompt([SOURCE])
+    side = backbone.resolution // 8
+    x = torch.randn(1, 4, side, side, device=backbone.device, dtype=torch.bfloat16)
+    t = torch.tensor([500], device=backbone.device)
+
+    def forward():
+        with torch.no_grad():
+            backbone.predict(x, t, cond)
+
+    def backward():
+        states = cond.hidden_states.clone().requires_grad_(True)
+        backbone.predict(x, t, type(cond)(states, cond.pooled, cond.time_ids)).float().square().mean().backward()
+
+    out = {name: [timed(fn)[1] for _ in range(calls)] for name, fn in (("forward", forward), ("backward", backward))}
+    backbone.to(torch.float32)
+    print("first calls", json.dumps(out), flush=True)
+    return out
+
+
 def algorithm_1_variants(backbone, hub, encoder, image: torch.Tensor, z0: torch.Tensor, n: int, w: float,
                          variants: list[str]):
     """StyleDiffusion's Algorithm 1 at T = n in each variant: seconds, Adam iterations and the PSNR of the replay
@@ -141,6 +166,10 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(VARIANTS)}, for the N = 50 null-text and Algorithm 1 rows")
     parser.add_argument("--null-text-runs", type=int, default=1,
                         help="inversions per null-text variant (the first pays the process's one-time CUDA set-up)")
+    parser.add_argument("--first-calls", action="store_true",
+                        help="first time three eager bf16 UNet forwards, and forwards + backwards (one-time set-up)")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="keep scaled_dot_product_attention off cuDNN's fused kernel (flash / memory-efficient)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "style_speed")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -156,6 +185,8 @@ def main() -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = load(args.model, device)
     n, w = args.steps, 7.5
@@ -165,7 +196,10 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
 
     result: dict = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                    "T": n, "guidance_scale": w, "repeats": args.repeats}
+                    "T": n, "guidance_scale": w, "repeats": args.repeats,
+                    "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled()}
+    if args.first_calls:
+        result["first_calls"] = first_call_seconds(backbone)
     result["null_text_50"] = null_text_variants(backbone, image.to(device), z0, w, variants,
                                                 runs=args.null_text_runs)
 

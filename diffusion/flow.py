@@ -187,14 +187,15 @@ class FlowBackbone(VAELatents, nn.Module):
         # Both pipelines pad every CLIP prompt to the first tokenizer's length (77).
         ids = self.clip_tokenizers[index](prompts, padding="max_length", truncation=True, return_tensors="pt",
                                           max_length=self.clip_tokenizers[0].model_max_length).input_ids
-        out = self.clip_encoders[index](ids.to(self.device), output_hidden_states=True)
+        # asynchronous copies: a blocking one would make the host wait for the GPU's queue at every step
+        out = self.clip_encoders[index](ids.to(self.device, non_blocking=True), output_hidden_states=True)
         pooled = out.text_embeds if self.kind == "sd3" else out.pooler_output
         return out.hidden_states[-2], pooled
 
     def _t5_states(self, prompts: list[str]) -> torch.Tensor:
         ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                                 add_special_tokens=True, return_tensors="pt").input_ids
-        return self.t5_encoder(ids.to(self.device))[0]
+        return self.t5_encoder(ids.to(self.device, non_blocking=True))[0]
 
     # ----- the transformer ---------------------------------------------------------------------
     def predict_velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning,

@@ -302,7 +302,6 @@ def test_style_speed_times_repeated_null_text_inversions(tiny):
     assert "later_seconds" not in null_text_variants(tiny, image, z0, 7.5, ["fp32_eager"], n=2)["fp32_eager"]
 
 
-
 def test_style_speed_times_the_first_unet_calls(tiny):
     """benchmarks/style_speed.py --first-calls: three eager bf16 forwards, then three forwards + backwards, and
     the backbone back in fp32 for the inversions."""
@@ -311,6 +310,7 @@ def test_style_speed_times_the_first_unet_calls(tiny):
     calls = first_call_seconds(tiny)
     assert set(calls) == {"forward", "backward"} and all(len(v) == 3 and min(v) > 0 for v in calls.values())
     assert next(tiny.unet.parameters()).dtype == torch.float32
+
 
 def all_subclasses(cls: type) -> set[type]:
     return {sub for child in cls.__subclasses__() for sub in (child, *all_subclasses(child))}
